@@ -1,0 +1,49 @@
+"""heatlens: explain, evaluate and debug image classifiers.
+
+>>> import heatlens as hl
+>>> model = hl.load_model("efficientnet-lite0")
+>>> x = model.preprocess(hl.data.sample_images())
+>>> e = hl.explain(model, x, "integrated_gradients", steps=50)
+>>> e.maps().shape            # (N, 224, 224)
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+from .explanation import Explanation, MetricResult, SanityResult
+from .models import Classifier, load_model, wrap
+
+__version__ = "0.1.0"
+__all__ = [
+    "Classifier", "Explanation", "MetricResult", "SanityResult",
+    "explain", "evaluate", "load_model", "wrap", "__version__",
+]
+
+_LAZY = ("methods", "metrics", "sanity", "debug", "viz", "report", "data", "batching", "baselines", "targets")
+
+
+def explain(model: Any, x: Any, method: Any = "saliency", target: Any = "predicted", **hyper: Any):
+    """Explain ``x`` with one method (a registry name or a method function) -> Explanation,
+    or with several (a list of names) -> dict name -> Explanation. See ``heatlens.methods``."""
+    from .methods import get_method
+
+    if isinstance(method, (list, tuple)):
+        return {m if isinstance(m, str) else getattr(m, "__name__", str(m)): explain(model, x, m, target, **hyper)
+                for m in method}
+    return get_method(method)(model, x, target, **hyper)
+
+
+def evaluate(model: Any, x: Any, explanation: Any, metrics: str | Sequence[str] = ("insertion", "deletion"), **options: Any):
+    """Score an explanation with one or several metrics -> dict name -> MetricResult. See ``heatlens.metrics``."""
+    from .metrics import evaluate as _evaluate
+
+    return _evaluate(model, x, explanation, metrics, **options)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'heatlens' has no attribute {name!r}")

@@ -1,0 +1,194 @@
+"""Path family: Integrated Gradients, Expected Gradients, GradientSHAP.
+
+All three average gradients at points between a reference and the input; the points are built
+lazily per engine batch and folded into a running sum, so memory is one batch whatever ``steps``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..baselines import BaselineLike, resolve_baseline
+from ..explanation import Explanation
+from ..models.adapter import Classifier
+from ..targets import TargetLike
+from ..validation import check_choice, check_images, check_positive_int
+from ._autograd import Prepared, gradients_over, make_generator, prepare
+from .gradient import explanation
+from .registry import register
+
+QUADRATURES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
+
+
+def quadrature(method: str, steps: int) -> tuple[Tensor, Tensor]:
+    """Points alpha (S,) in [0, 1] and weights (S,) approximating the integral over [0, 1].
+
+    Same rules as Captum's ``approximation_parameters`` so results compare at equal settings.
+    """
+    check_choice(method, "method", QUADRATURES)
+    check_positive_int(steps, "steps", minimum=2 if method == "riemann_trapezoid" else 1)
+    if method == "gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(steps)
+        return torch.tensor(0.5 * (nodes + 1), dtype=torch.float64), torch.tensor(0.5 * weights, dtype=torch.float64)
+    if method == "riemann_trapezoid":
+        alphas = torch.linspace(0, 1, steps, dtype=torch.float64)
+        weights = torch.full((steps,), 1.0 / (steps - 1), dtype=torch.float64)
+        weights[0] = weights[-1] = 0.5 / (steps - 1)
+        return alphas, weights
+    offset = {"riemann_left": 0.0, "riemann_right": 1.0, "riemann_middle": 0.5}[method]
+    alphas = (torch.arange(steps, dtype=torch.float64) + offset) / steps
+    return alphas, torch.full((steps,), 1.0 / steps, dtype=torch.float64)
+
+
+def _path_gradient_sum(p: Prepared, baselines: Tensor, alphas: Tensor, weights: Tensor,
+                       output: str, batch_size: int | None) -> Tensor:
+    """sum_s w_s * grad f(x' + a_s (x - x')) per image, (N,C,H,W). Items are image-major (i*S + s)."""
+    steps = alphas.numel()
+    alphas = alphas.to(p.x.device, p.x.dtype)
+    weights = weights.to(p.x.device, p.x.dtype)
+    delta = p.x - baselines
+    total = torch.zeros_like(p.x)
+
+    def build(start: int, stop: int) -> tuple[Tensor, Tensor]:
+        idx = torch.arange(start, stop, device=p.x.device)
+        img, s = idx // steps, idx % steps
+        return baselines[img] + alphas[s].view(-1, 1, 1, 1) * delta[img], p.targets[img]
+
+    def consume(start: int, stop: int, _inputs: Tensor, grads: Tensor, _scores: Tensor) -> None:
+        idx = torch.arange(start, stop, device=p.x.device)
+        total.index_add_(0, idx // steps, grads * weights[idx % steps].view(-1, 1, 1, 1))
+
+    gradients_over(p.model, p.x.shape[0] * steps, build, consume, output=output, batch_size=batch_size,
+                   desc="integrated gradients")
+    return total
+
+
+@register("integrated_gradients", family="path", needs_grad=True, per_sample=("baseline",),
+          description="Integrated Gradients: path integral of gradients from a baseline (Sundararajan et al., 2017)")
+def integrated_gradients(
+    model: Classifier, x: Tensor, target: TargetLike = "predicted", *,
+    baseline: BaselineLike = "zeros", steps: int = 50, method: str = "gausslegendre",
+    output: str = "logit", batch_size: int | None = None, seed: int | torch.Generator | None = None,
+) -> Explanation:
+    """Integrated Gradients (Sundararajan et al., 2017).
+
+    attributions (N,C,H,W) = (x - x') * integral_0^1 grad f(x' + a (x - x')) da, signed.
+    baseline: "zeros" | "black" | "white" | "uniform" | "blur" | "mean" | float | Tensor | callable
+    (``heatlens.baselines``; ``seed`` drives "uniform"). method: quadrature, one of ``QUADRATURES``.
+    extras["completeness_gap"] (N,) = f(x) - f(x') - sum(attributions) (0 for an exact integral);
+    extras["baseline_scores"] (N,) = f(x').
+    """
+    p = prepare(model, x, target, output=output)
+    baselines = resolve_baseline(p.model, p.x, baseline, generator=make_generator(seed))
+    alphas, weights = quadrature(method, steps)
+    grad_sum = _path_gradient_sum(p, baselines, alphas, weights, output, batch_size)
+    attributions = (p.x - baselines) * grad_sum
+    with torch.inference_mode():
+        base_scores = p.model.score(baselines, p.targets, output).float()
+        x_scores = p.model.score(p.x, p.targets, output).float()
+    gap = x_scores - base_scores - attributions.flatten(1).sum(1).float()
+    params = {"baseline": _describe(baseline), "steps": steps, "method": method, "output": output}
+    extras = {"completeness_gap": gap, "baseline_scores": base_scores, "scores": x_scores}
+    return explanation(p, attributions, "integrated_gradients", params, extras)
+
+
+def _reference_gradients(
+    p: Prepared, background: Tensor, n_samples: int, noise: float, output: str,
+    batch_size: int | None, seed: int | torch.Generator | None,
+) -> Tensor:
+    """Mean over draws of (x~ - r) * grad f(r + a (x~ - r)), r ~ background, a ~ U(0,1), x~ = x + noise.
+
+    Returns attributions (N,C,H,W). All random draws come from one CPU generator in a fixed order
+    (items are image-major, i * n_samples + s), so a seed reproduces the result on any device.
+    """
+    n = p.x.shape[0]
+    gen = make_generator(seed)
+    picks = torch.randint(0, background.shape[0], (n, n_samples), generator=gen)
+    alphas = torch.rand((n, n_samples), generator=gen, dtype=torch.float64).to(p.x.device, p.x.dtype)
+    sigma = _sample_range(p.x) * noise
+    total = torch.zeros_like(p.x)
+    picks = picks.to(p.x.device)
+    batch_delta: dict[str, Tensor] = {}  # x~ - r of the batch in flight, used again by consume
+
+    def build(start: int, stop: int) -> tuple[Tensor, Tensor]:
+        idx = torch.arange(start, stop, device=p.x.device)
+        img, s = idx // n_samples, idx % n_samples
+        ref = background[picks[img, s]]
+        xin = p.x[img]
+        if noise > 0:  # drawn per batch from the same generator, in item order
+            eps = torch.randn((img.numel(), *p.x.shape[1:]), generator=gen).to(p.x.device, p.x.dtype)
+            xin = xin + sigma[img].view(-1, 1, 1, 1) * eps
+        batch_delta["delta"] = xin - ref
+        return ref + alphas[img, s].view(-1, 1, 1, 1) * batch_delta["delta"], p.targets[img]
+
+    def consume(start: int, stop: int, _inputs: Tensor, grads: Tensor, _scores: Tensor) -> None:
+        img = torch.arange(start, stop, device=p.x.device) // n_samples
+        total.index_add_(0, img, grads * batch_delta["delta"])
+
+    gradients_over(p.model, n * n_samples, build, consume, output=output, batch_size=batch_size,
+                   desc="expected gradients")
+    return total / n_samples
+
+
+def _background(p: Prepared, background: BaselineLike | Tensor) -> Tensor:
+    """A reference distribution (M,C,H,W); a named or single baseline gives M = 1 per call."""
+    if isinstance(background, Tensor) and background.dim() == 4 and background.shape[0] != p.x.shape[0]:
+        c, h, w = p.model.input_size
+        return check_images(background, "background", channels=c, size=(h, w)).to(p.x.device, p.x.dtype)
+    if isinstance(background, Tensor) and background.dim() == 4:
+        return background.to(p.x.device, p.x.dtype)
+    return resolve_baseline(p.model, p.x[:1], background, name="background")
+
+
+@register("expected_gradients", family="path", needs_grad=True, stochastic=True,
+          description="Expected Gradients: IG averaged over references drawn from a background set (Erion et al., 2021)")
+def expected_gradients(
+    model: Classifier, x: Tensor, target: TargetLike = "predicted", *,
+    background: Tensor | BaselineLike = "zeros", n_samples: int = 50,
+    output: str = "logit", batch_size: int | None = None, seed: int | torch.Generator | None = None,
+) -> Explanation:
+    """Expected Gradients (Erion et al., 2021): E_{r~background, a~U(0,1)} [(x - r) grad f(r + a(x - r))].
+
+    background: (M,C,H,W) reference images (e.g. a sample of the training set), or any baseline form.
+    n_samples: draws per image. attributions (N,C,H,W), signed; they sum to f(x) - E f(r) in expectation.
+    """
+    check_positive_int(n_samples, "n_samples")
+    p = prepare(model, x, target, output=output)
+    refs = _background(p, background)
+    attributions = _reference_gradients(p, refs, n_samples, 0.0, output, batch_size, seed)
+    params = {"background": _describe(background), "n_samples": n_samples, "output": output}
+    return explanation(p, attributions, "expected_gradients", params)
+
+
+@register("gradient_shap", family="path", needs_grad=True, stochastic=True,
+          description="GradientSHAP: expected gradients with Gaussian noise on the input (Lundberg & Lee, 2017)")
+def gradient_shap(
+    model: Classifier, x: Tensor, target: TargetLike = "predicted", *,
+    background: Tensor | BaselineLike = "zeros", n_samples: int = 5, noise: float = 0.0,
+    output: str = "logit", batch_size: int | None = None, seed: int | torch.Generator | None = None,
+) -> Explanation:
+    """GradientSHAP (Lundberg & Lee, 2017; Captum's defaults n_samples=5, no noise).
+
+    Like ``expected_gradients`` but each draw also adds N(0, sigma^2) noise to x with
+    sigma = noise * (max x - min x) per image. attributions (N,C,H,W), signed.
+    """
+    check_positive_int(n_samples, "n_samples")
+    p = prepare(model, x, target, output=output)
+    refs = _background(p, background)
+    attributions = _reference_gradients(p, refs, n_samples, float(noise), output, batch_size, seed)
+    params = {"background": _describe(background), "n_samples": n_samples, "noise": noise, "output": output}
+    return explanation(p, attributions, "gradient_shap", params)
+
+
+def _sample_range(x: Tensor) -> Tensor:
+    """max - min of each image (N,): noise is relative to it (PAIR, zennit)."""
+    flat = x.flatten(1)
+    return flat.amax(1) - flat.amin(1)
+
+
+def _describe(value: object) -> object:
+    if isinstance(value, Tensor):
+        return f"tensor{tuple(value.shape)}"
+    return getattr(value, "__name__", value)

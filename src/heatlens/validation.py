@@ -1,0 +1,100 @@
+"""All input checks and their error texts live here, so every message names the argument.
+
+Each check raises ``ValueError`` (wrong value or shape) or ``TypeError`` (wrong kind of object)
+with the argument's name first, what was expected, and what was received.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+
+def did_you_mean(name: str, choices: Iterable[str], n: int = 3) -> str:
+    """' Did you mean: a, b?' for the closest valid names, or '' when none is close."""
+    close = difflib.get_close_matches(str(name), list(choices), n=n, cutoff=0.5)
+    return f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+def unknown_name(kind: str, name: str, choices: Sequence[str]) -> ValueError:
+    """The error for an unknown method / metric / layer name, with suggestions."""
+    shown = ", ".join(sorted(choices)[:40]) + (" ..." if len(choices) > 40 else "")
+    return ValueError(f"unknown {kind} {name!r}.{did_you_mean(name, choices)} Valid {kind}s: {shown}")
+
+
+def check_images(
+    x: object,
+    name: str = "x",
+    *,
+    channels: int | None = None,
+    size: tuple[int, int] | None = None,
+) -> Tensor:
+    """Check that ``x`` is a finite float (N,C,H,W) tensor matching the model's input.
+
+    ``channels`` / ``size`` are the model's expected C and (H, W) when known. A tensor whose
+    *last* axis has ``channels`` entries is reported as channels-last (NHWC) input.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor of shape (N,C,H,W), got {type(x).__name__}; "
+            "use model.preprocess(images) to turn images or arrays into one"
+        )
+    if x.dim() == 3:
+        raise ValueError(
+            f"{name} must have shape (N,C,H,W), got a 3-D tensor {tuple(x.shape)}; "
+            f"add the batch axis with {name}.unsqueeze(0)"
+        )
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have shape (N,C,H,W), got a {x.dim()}-D tensor {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor, got dtype {x.dtype}; "
+            "use model.preprocess(images) for uint8 images"
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is empty: it has 0 images")
+    if channels is not None and x.shape[1] != channels:
+        if x.shape[-1] == channels:
+            raise ValueError(
+                f"{name} looks channels-last (N,H,W,C) {tuple(x.shape)} but the model takes (N,C,H,W) "
+                f"with C={channels}; pass {name}.permute(0, 3, 1, 2)"
+            )
+        raise ValueError(f"{name} has {x.shape[1]} channels but the model expects {channels}: shape {tuple(x.shape)}")
+    if size is not None and tuple(x.shape[-2:]) != tuple(size):
+        raise ValueError(
+            f"{name} has spatial size {tuple(x.shape[-2:])} but the model expects {tuple(size)}; "
+            "use model.preprocess(images) to resize"
+        )
+    check_finite(x, name)
+    return x
+
+
+def check_finite(x: Tensor, name: str) -> Tensor:
+    """Raise when ``x`` holds NaN or infinite values (they poison every attribution silently)."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} contains {bad} NaN or infinite values")
+    return x
+
+
+def check_positive_int(value: object, name: str, *, minimum: int = 1) -> int:
+    """An integer hyperparameter such as ``steps`` or ``n_samples``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
+    """A string option such as ``reduce`` or ``method``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}.{did_you_mean(str(value), choices)}")
+    return str(value)
+
+
+def check_fraction(value: object, name: str, *, low: float = 0.0, high: float = 1.0) -> float:
+    if not isinstance(value, (int, float)) or not (low <= float(value) <= high):
+        raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+    return float(value)

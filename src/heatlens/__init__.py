@@ -25,9 +25,12 @@ __all__ = [
 _LAZY = ("methods", "metrics", "sanity", "debug", "viz", "report", "data", "batching", "baselines", "targets")
 
 
-def explain(model: Any, x: Any, method: Any = "saliency", target: Any = "predicted", **hyper: Any):
+def explain(model: Any, x: Any, method: Any = "saliency", /, target: Any = "predicted", **hyper: Any):
     """Explain ``x`` with one method (a registry name or a method function) -> Explanation,
-    or with several (a list of names) -> dict name -> Explanation. See ``heatlens.methods``."""
+    or with several (a list of names) -> dict name -> Explanation. See ``heatlens.methods``.
+
+    ``model``, ``x`` and ``method`` are positional, so a method's own ``method=`` hyperparameter
+    (Integrated Gradients' quadrature) passes through."""
     from .methods import get_method
 
     if isinstance(method, (list, tuple)):

@@ -34,6 +34,11 @@ class Prepared:
     targets: Tensor
     logits: Tensor
 
+    def scores(self, output: str = "logit") -> Tensor:
+        """The explained score at the clean x (N,), from the logits already computed."""
+        values = self.logits.softmax(1) if output == "probability" else self.logits
+        return values.gather(1, self.targets.view(-1, 1)).squeeze(1).float()
+
 
 def prepare(model: Any, x: Any, target: TargetLike, *, output: str = "logit") -> Prepared:
     """Validate ``x`` against the model, run it once, resolve ``target`` from the clean logits."""

@@ -87,7 +87,7 @@ def integrated_gradients(
     attributions = (p.x - baselines) * grad_sum
     with torch.inference_mode():
         base_scores = p.model.score(baselines, p.targets, output).float()
-        x_scores = p.model.score(p.x, p.targets, output).float()
+    x_scores = p.scores(output)
     gap = x_scores - base_scores - attributions.flatten(1).sum(1).float()
     params = {"baseline": _describe(baseline), "steps": steps, "method": method, "output": output}
     extras = {"completeness_gap": gap, "baseline_scores": base_scores, "scores": x_scores}

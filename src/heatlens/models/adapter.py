@@ -154,7 +154,7 @@ def wrap(
     labels: Sequence[str] | None = None,
     preprocessing: Preprocessing | None = None,
     outputs: str | None = None,
-    layout: str = "NCHW",
+    layout: str | None = None,
     name: str | None = None,
 ) -> Classifier:
     """Make anything classifier-like explainable.
@@ -163,9 +163,19 @@ def wrap(
       A module that returns probabilities is refused with a clear error unless ``outputs="probabilities"``.
     * a function ``numpy (N,C,H,W) float32 -> (N,K)`` (probabilities or logits, detected when
       ``outputs`` is None); works with every black-box method (occlusion, LIME, KernelSHAP, RISE, metrics).
+    * a Keras 3 model (torch backend): layout and input_size default to the model's own (``models.keras``).
+    layout: ``"NCHW"`` (default) or ``"NHWC"``.
     """
     if isinstance(model, Classifier):
         return model
+    from .keras import is_keras_model
+
+    if is_keras_model(model):
+        from .keras import wrap_keras
+
+        return wrap_keras(model, input_size=input_size, labels=labels, preprocessing=preprocessing,
+                          outputs=outputs, layout=layout, name=name)
+    layout = layout or "NCHW"
     if input_size is None:
         raise ValueError("input_size is required: the (C,H,W) of one model input, e.g. input_size=(3, 224, 224)")
     size = _check_input_size(input_size)

@@ -1,0 +1,557 @@
+"""Propagation family: DeepLIFT (rescale rule), DeepLIFT-SHAP, Guided Backprop, Deconvnet.
+
+Each method is the ordinary gradient with a different backward rule at the nonlinearities. The
+rules are applied through ONE reversible context, ``override_backward(rule, activations)``: a
+``TorchFunctionMode`` active during the forward pass only, which replaces every call of an
+elementwise nonlinearity (``torch.relu``, ``F.relu`` incl. in-place, ``Tensor.relu``, ``F.relu6`` /
+``F.hardtanh`` (``nn.ReLU6``), sigmoid, tanh, ELU, leaky ReLU, softplus, SiLU, GELU, ...) and max
+pooling by a custom autograd function whose forward is the same op and whose backward applies the
+rule. Every call is handled on its own, so a module reused twice and functional calls are treated
+correctly by construction (module hooks, as in Captum, miss or mis-handle both), and no hook is
+ever put on the model.
+
+Activation kinds (``activations=``) are the names in ``KINDS``; ``"all"`` means every kind and
+``"captum"`` the ones Captum overrides (by module type: ``nn.ReLU`` for guided backprop and
+deconvnet; ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus and max pooling for DeepLIFT).
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from ..baselines import BaselineLike, resolve_baseline
+from ..batching import map_batches
+from ..explanation import Explanation
+from ..models.adapter import Classifier
+from ..targets import TargetLike
+from ..validation import check_images, did_you_mean
+from ._autograd import Prepared, input_gradients, make_generator, prepare
+from .gradient import explanation
+from .registry import register
+
+__all__ = [
+    "CompletenessWarning", "KINDS", "deconvnet", "deeplift", "deeplift_shap", "guided_backprop",
+    "override_backward",
+]
+
+Backward = Callable[[Tensor], Tensor]  # grad wrt an op's output -> grad wrt its input
+Rule = Callable[[str, Callable[[Tensor], Tensor], Tensor], "Backward | None"]
+
+
+class CompletenessWarning(UserWarning):
+    """DeepLIFT met an operation its rules do not cover: the map is not an exact decomposition."""
+
+
+# --- which calls are intercepted -------------------------------------------------------------
+@dataclass(frozen=True)
+class _Op:
+    kind: str
+    pure: Callable[..., Tensor] | None = None  # out-of-place twin of an in-place op
+    inplace: bool | None = False  # None: the call takes an ``inplace`` argument
+
+
+_T = torch.Tensor
+_OPS: dict[Callable, _Op] = {}
+
+
+def _ops(kind: str, *funcs: Callable, pure: Callable | None = None, inplace: bool | None = False) -> None:
+    for fn in funcs:
+        _OPS[fn] = _Op(kind, pure, inplace)
+
+
+_ops("relu", F.relu, inplace=None)
+_ops("relu", torch.relu, _T.relu)
+_ops("relu", F.relu_, torch.relu_, _T.relu_, pure=torch.relu, inplace=True)
+_ops("relu6", F.relu6, F.hardtanh, inplace=None)  # nn.ReLU6 is F.hardtanh(x, 0, 6)
+_ops("relu6", F.hardtanh_, pure=F.hardtanh, inplace=True)
+_ops("leaky_relu", F.leaky_relu, inplace=None)
+_ops("leaky_relu", F.leaky_relu_, pure=F.leaky_relu, inplace=True)
+_ops("prelu", F.prelu)
+_ops("elu", F.elu, inplace=None)
+_ops("elu", F.elu_, pure=F.elu, inplace=True)
+_ops("selu", F.selu, inplace=None)
+_ops("selu", torch.selu)
+_ops("selu", torch.selu_, pure=torch.selu, inplace=True)
+_ops("celu", F.celu, inplace=None)
+_ops("celu", torch.celu)
+_ops("celu", torch.celu_, pure=torch.celu, inplace=True)
+_ops("gelu", F.gelu)
+for _name, _fn in (("silu", F.silu), ("mish", F.mish), ("hardswish", F.hardswish), ("hardsigmoid", F.hardsigmoid)):
+    _ops(_name, _fn, inplace=None)
+_ops("sigmoid", torch.sigmoid, _T.sigmoid)
+_ops("sigmoid", torch.sigmoid_, _T.sigmoid_, pure=torch.sigmoid, inplace=True)
+_ops("tanh", torch.tanh, _T.tanh)
+_ops("tanh", torch.tanh_, _T.tanh_, pure=torch.tanh, inplace=True)
+_ops("softplus", F.softplus)
+_ops("logsigmoid", F.logsigmoid)
+_ops("clamp", torch.clamp, torch.clip, _T.clamp, _T.clip, torch.clamp_min, torch.clamp_max, _T.clamp_min, _T.clamp_max)
+_ops("clamp", torch.clamp_, _T.clamp_, _T.clip_, pure=torch.clamp, inplace=True)
+_ops("clamp", torch.clamp_min_, _T.clamp_min_, pure=torch.clamp_min, inplace=True)
+_ops("clamp", torch.clamp_max_, _T.clamp_max_, pure=torch.clamp_max, inplace=True)
+_ops("exp", torch.exp, _T.exp)
+_ops("exp", _T.exp_, pure=torch.exp, inplace=True)
+_ops("log", torch.log, _T.log)
+_ops("log", _T.log_, pure=torch.log, inplace=True)
+_ops("maxpool", F.max_pool1d, F.max_pool2d, F.max_pool3d)
+
+KINDS: tuple[str, ...] = tuple(dict.fromkeys(op.kind for op in _OPS.values()))
+ELEMENTWISE = tuple(k for k in KINDS if k != "maxpool")
+_CAPTUM = {
+    "deeplift": ("relu", "elu", "leaky_relu", "sigmoid", "tanh", "softplus", "maxpool"),
+    "guided_backprop": ("relu",), "deconvnet": ("relu",),
+}
+
+# Nonlinear ops without a DeepLIFT rule: seeing one with an input-dependent operand means the
+# multipliers no longer sum to the output difference (reported, never silent).
+_UNSUPPORTED = {
+    F.softmax, F.log_softmax, F.softmin, torch.softmax, torch.log_softmax, _T.softmax, _T.log_softmax,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.lp_pool1d, F.lp_pool2d,
+    F.layer_norm, F.group_norm, F.instance_norm, F.local_response_norm, F.normalize,
+    torch.max, torch.min, torch.amax, torch.amin, _T.max, _T.min, _T.amax, _T.amin, torch.logsumexp,
+    _T.logsumexp, torch.norm, _T.norm, torch.topk, _T.topk, torch.sort, _T.sort, torch.sqrt, _T.sqrt,
+    torch.rsqrt, _T.rsqrt, torch.abs, _T.abs, torch.square, _T.square, torch.reciprocal, _T.reciprocal,
+    torch.sin, torch.cos, torch.erf, F.softsign, F.tanhshrink, F.threshold, F.glu, torch.prod, _T.prod,
+}
+# Bilinear ops: nonlinear only when two operands depend on the input (x * sigmoid(x), attention).
+_PRODUCTS = {
+    torch.mul, _T.mul, _T.__mul__, _T.__rmul__, torch.div, _T.div, _T.__truediv__, _T.__rtruediv__,
+    torch.matmul, _T.matmul, _T.__matmul__, torch.bmm, _T.bmm, torch.mm, _T.mm, torch.einsum,
+    torch.addcmul, torch.addcdiv, torch.pow, _T.pow, _T.__pow__, _T.__rpow__,
+}
+
+
+def resolve_activations(activations: str | Sequence[str], method: str) -> frozenset[str]:
+    """``"all"`` | ``"captum"`` | a kind | a sequence of kinds -> the set of kinds given the rule."""
+    if isinstance(activations, str):
+        if activations == "all":
+            return frozenset(KINDS if method == "deeplift" else ELEMENTWISE)
+        if activations == "captum":
+            return frozenset(_CAPTUM[method])
+        activations = (activations,)
+    if not isinstance(activations, Sequence) or not all(isinstance(a, str) for a in activations):
+        raise TypeError(f"activations must be 'all', 'captum', a kind or a sequence of kinds, got {activations!r}")
+    allowed = KINDS if method == "deeplift" else ELEMENTWISE
+    for kind in activations:
+        if kind not in allowed:
+            raise ValueError(
+                f"activations: unknown kind {kind!r} for {method}.{did_you_mean(kind, allowed)} "
+                f"Valid kinds: {', '.join(allowed)}, or 'all' / 'captum'"
+            )
+    return frozenset(activations)
+
+
+# --- the reversible context ------------------------------------------------------------------
+class _RuleFunction(torch.autograd.Function):
+    """Forward: the op's own output. Backward: the rule's closure instead of the op's derivative."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, out: Tensor, backward: Backward) -> Tensor:  # noqa: ARG004 - a carries the graph
+        ctx.rule = backward
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return ctx.rule(grad), None, None
+
+
+class _OverrideMode(TorchFunctionMode):
+    """Intercepts the nonlinearities of one forward pass; counts ops the rule cannot cover."""
+
+    def __init__(self, rule: Rule, kinds: frozenset[str]) -> None:
+        super().__init__()
+        self.rule, self.kinds = rule, kinds
+        self.unsupported: Counter[str] = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        op = _OPS.get(func)
+        if op is None:
+            self._note(func, args, kwargs)
+            return func(*args, **kwargs)
+        a, pure, inplace = _split(func, op, args, kwargs)
+        if not (isinstance(a, Tensor) and a.requires_grad and torch.is_grad_enabled()):
+            return func(*args, **kwargs)  # a constant or a no-grad region: nothing to override
+        if pure is None or op.kind not in self.kinds:
+            why = "not in activations" if pure is not None else "with input-dependent arguments"
+            self.unsupported[f"{op.kind} ({why})"] += 1
+            return func(*args, **kwargs)
+        backward = self.rule(op.kind, pure, a)
+        if backward is None:
+            return func(*args, **kwargs)
+        with torch.no_grad():
+            value = pure(a)
+        out = _RuleFunction.apply(a, value, backward)
+        if inplace:  # keep in-place semantics; autograd routes a's new version through ``out``
+            return a.copy_(out)
+        return out
+
+    def _note(self, func, args, kwargs) -> None:
+        if func in _UNSUPPORTED:
+            if any(isinstance(t, Tensor) and t.requires_grad for t in args):
+                self.unsupported[_name(func)] += 1
+        elif func in _PRODUCTS:
+            operands = [t for t in (*args, *kwargs.values()) if isinstance(t, Tensor) and t.requires_grad]
+            if len(operands) >= 2 or (func in (torch.pow, _T.pow, _T.__pow__) and operands and args[0] is operands[0]
+                                      and not (isinstance(args[1], (int, float)) and args[1] == 1)):
+                self.unsupported[f"{_name(func)} of input-dependent tensors"] += 1
+        elif func is F.batch_norm and (kwargs.get("training") or (len(args) > 5 and args[5])):
+            self.unsupported["batch_norm in training mode"] += 1
+
+
+@contextmanager
+def override_backward(rule: Rule, activations: str | Sequence[str] = ("relu", "relu6"), *,
+                      method: str = "guided_backprop") -> Iterator[_OverrideMode]:
+    """Apply ``rule`` at the nonlinearities of every forward run inside the block.
+
+    rule(kind, f, a) -> backward: given the op kind, the op as a pure function ``f`` and its input
+    ``a``, return the function mapping the gradient at the output to the gradient at the input
+    (None: keep the ordinary derivative). Only the forward needs to run inside the block; the
+    backward may run after it. The mode is removed on exit, also when the forward raises.
+    The yielded object's ``unsupported`` counts ops no rule covered.
+    """
+    mode = _OverrideMode(rule, resolve_activations(activations, method))
+    with mode:
+        yield mode
+
+
+# --- rules -----------------------------------------------------------------------------------
+def _derivative(f: Callable[[Tensor], Tensor], a: Tensor) -> Tensor:
+    """f'(a) of an elementwise op (the plain local derivative), same shape as a."""
+    with torch.enable_grad():
+        t = a.detach().requires_grad_(True)
+        out = f(t)
+        (d,) = torch.autograd.grad(out, t, torch.ones_like(out))
+    return d
+
+
+def guided_rule(kind: str, f: Callable[[Tensor], Tensor], a: Tensor) -> Backward:
+    """Guided backprop (Springenberg et al., 2015): relu(g * f'(a)), i.e. input > 0 AND grad > 0 for ReLU."""
+    slope = _derivative(f, a)
+    return lambda g: torch.relu(g * slope)
+
+
+def deconvnet_rule(kind: str, f: Callable[[Tensor], Tensor], a: Tensor) -> Backward:
+    """Deconvnet (Zeiler & Fergus, 2014): relu(g), whatever the input."""
+    return torch.relu
+
+
+def rescale_rule(rows: int, eps: float = 1e-10) -> Rule:
+    """DeepLIFT's rescale rule for a forward of paired rows [x; x'] (``rows`` = 2B).
+
+    Elementwise ops: multiplier (f(a) - f(a')) / (a - a'), the plain derivative where |a - a'| < eps
+    (as Captum). Max pooling: Captum's rule, the output difference routed through the argmax of
+    x and of x' and divided by the input difference. Only the x half carries gradient.
+    """
+
+    def rule(kind: str, f: Callable[[Tensor], Tensor], a: Tensor) -> Backward:
+        if a.dim() == 0 or a.shape[0] != rows:
+            raise ValueError(
+                f"deeplift pairs each image with its baseline along the batch axis, but a {kind} input has "
+                f"shape {tuple(a.shape)} (expected {rows} rows): the model must keep the batch as axis 0"
+            )
+        a = a.detach()
+        a_x, a_r = a.chunk(2)
+        d_in = a_x - a_r
+        if kind == "maxpool":
+            return _maxpool_backward(f, a, d_in, eps)
+        with torch.no_grad():
+            out_x, out_r = f(a).chunk(2)
+        plain = _derivative(f, a_x)
+        multiplier = torch.where(d_in.abs() < eps, plain, (out_x - out_r) / d_in)
+        zeros = torch.zeros_like(multiplier)
+        return lambda g: torch.cat([g.chunk(2)[0] * multiplier, zeros])
+
+    return rule
+
+
+def _maxpool_backward(pool: Callable[[Tensor], Tensor], a: Tensor, d_in: Tensor, eps: float) -> Backward:
+    """Captum's maxpool rule (DeepLIFT paper, sec. 3.5), with the pool's own backward as the router."""
+    with torch.enable_grad():
+        t = a.clone().requires_grad_(True)
+        out = pool(t)
+    out_x, out_r = out.detach().chunk(2)
+    top = torch.maximum(out_x, out_r)
+    parts = torch.cat([top - out_r, out_x - top])  # routed through x's argmax, then x''s
+
+    def backward(g: Tensor) -> Tensor:
+        g_x = g.chunk(2)[0]
+        both = torch.cat([g_x, g_x])
+        routed, plain = (torch.autograd.grad(out, t, grad, retain_graph=True)[0].chunk(2)
+                         for grad in (both * parts, both))
+        new_x = torch.where(d_in.abs() < eps, plain[0], (routed[0] + routed[1]) / d_in)
+        return torch.cat([new_x, torch.zeros_like(new_x)])
+
+    return backward
+
+
+# --- call parsing ----------------------------------------------------------------------------
+_SIGNATURES: dict[Callable, inspect.Signature] = {}
+
+
+def _split(func: Callable, op: _Op, args: tuple, kwargs: dict) -> tuple[object, Callable[[Tensor], Tensor] | None, bool]:
+    """(the op's input, the op as an out-of-place function of it or None when unsupported, in-place?)."""
+    if op.inplace is None:
+        sig = _SIGNATURES.setdefault(func, inspect.signature(func))
+        bound = sig.bind(*args, **kwargs)
+        inplace = bool(bound.arguments.get("inplace", False))
+        if "inplace" in bound.arguments:
+            bound.arguments["inplace"] = False
+        rest, kw = bound.args[1:], bound.kwargs
+        a = bound.args[0] if bound.args else None
+    else:
+        a, rest, kw, inplace = (args[0] if args else None), args[1:], kwargs, bool(op.inplace)
+    others = [v for v in (*rest, *kw.values()) if isinstance(v, Tensor)]
+    if any(t.requires_grad for t in others):
+        return a, None, inplace  # e.g. clamp with input-dependent bounds: not elementwise in a alone
+    if op.kind == "maxpool" and (kw.get("return_indices") or (len(rest) > 5 and rest[5])):
+        return a, None, inplace
+    target = op.pure or func
+    return a, (lambda t: target(t, *rest, **kw)), inplace
+
+
+def _name(func: Callable) -> str:
+    return getattr(func, "__name__", str(func)).strip("_")
+
+
+# --- DeepLIFT --------------------------------------------------------------------------------
+class _PairedScorer:
+    """Scores x with its references riding along in the same forward: rows [x; x'] (one batch)."""
+
+    def __init__(self, model: Classifier, kinds: frozenset[str], output: str) -> None:
+        self.model, self.kinds, self.output = model, kinds, output
+        self.refs: Tensor | None = None
+        self.scores: tuple[Tensor, Tensor] | None = None  # f(x), f(x') of the last batch
+        self.unsupported: Counter[str] = Counter()
+
+    def score(self, x: Tensor, targets: Tensor, output: str) -> Tensor:
+        assert self.refs is not None
+        stacked = torch.cat([x, self.refs])
+        with override_backward(rescale_rule(stacked.shape[0]), tuple(self.kinds), method="deeplift") as mode:
+            logits = self.model(stacked)
+        self.unsupported.update(mode.unsupported)
+        z_x, z_r = logits.chunk(2)
+        weights, f_x, f_r = _top_multipliers(z_x.detach(), z_r.detach(), targets, output)
+        self.scores = (f_x, f_r)
+        return (weights * z_x).sum(1)  # d/dz_x = the multipliers of the explained output
+
+
+def _top_multipliers(z_x: Tensor, z_r: Tensor, targets: Tensor, output: str, nodes: int = 64):
+    """Multipliers (B,K) of the explained score at the logits, and the scores at x and x' (B,).
+
+    logit: one-hot. probability: softmax_t is a function of all K logits, so its difference is
+    split over them by Integrated Gradients along z' -> z (64-point Gauss-Legendre in float64,
+    exact to ~1e-12 for logit gaps up to ~50), keeping the chain of multipliers complete.
+    """
+    onehot = F.one_hot(targets, z_x.shape[1]).to(z_x.dtype)
+    if output == "logit":
+        pick = lambda z: z.gather(1, targets[:, None]).squeeze(1)  # noqa: E731
+        return onehot, pick(z_x).float(), pick(z_r).float()
+    t, w = np.polynomial.legendre.leggauss(nodes)
+    alphas = torch.tensor(0.5 * (t + 1), dtype=torch.float64, device=z_x.device).view(-1, 1, 1)
+    weights = torch.tensor(0.5 * w, dtype=torch.float64, device=z_x.device).view(-1, 1, 1)
+    zx, zr, hot = z_x.double(), z_r.double(), onehot.double()
+    p = (zr + alphas * (zx - zr)).softmax(-1)  # (S,B,K)
+    p_t = (p * hot).sum(-1, keepdim=True)
+    grad = (weights * p_t * (hot - p)).sum(0)  # d softmax_t / dz = p_t (e_t - p)
+    prob = lambda z: z.softmax(1).gather(1, targets[:, None]).squeeze(1).float()  # noqa: E731
+    return grad.to(z_x.dtype), prob(z_x), prob(z_r)
+
+
+def _deeplift_pairs(
+    p: Prepared, n_items: int, build: Callable[[int, int], tuple[Tensor, Tensor, Tensor]],
+    consume: Callable[[int, int, Tensor], None], kinds: frozenset[str], output: str,
+    batch_size: int | None, desc: str,
+) -> tuple[Tensor, Tensor, Counter]:
+    """DeepLIFT for ``n_items`` (x, x', target) triples built lazily, one engine batch at a time.
+
+    build(start, stop) -> (x (B,C,H,W), x' (B,C,H,W), targets (B,)); consume(start, stop, attributions
+    (B,C,H,W)). Returns f(x), f(x') per item (n_items,) and the unsupported-op counts.
+    """
+    scorer = _PairedScorer(p.model, kinds, output)
+    f_x, f_r = torch.empty(n_items), torch.empty(n_items)
+
+    def step(start: int, stop: int) -> None:
+        xb, rb, tb = build(start, stop)
+        scorer.refs = rb
+        grads, _ = input_gradients(scorer, xb, tb, output)  # type: ignore[arg-type]
+        f_x[start:stop], f_r[start:stop] = (s.cpu() for s in scorer.scores)
+        consume(start, stop, (xb - rb) * grads)
+
+    c, h, w = p.model.input_size  # each item is a pair of rows
+    map_batches(step, n_items, batch_size=batch_size, grad=True, model=p.model, item_shape=(2 * c, h, w),
+                consume=lambda *_: None, desc=desc)
+    return f_x.to(p.x.device), f_r.to(p.x.device), scorer.unsupported
+
+
+def _completeness(name: str, attributions: Tensor, f_x: Tensor, f_r: Tensor, unsupported: Counter) -> Tensor:
+    """f(x) - f(x') - sum(attributions) per image; warns when it is not ~0 or an op had no rule."""
+    gap = f_x - f_r - attributions.flatten(1).double().sum(1).float()
+    scale = f_x.abs() + f_r.abs() + 1e-6
+    worst = float((gap.abs() / scale).max())
+    if unsupported or worst > 1e-3:
+        ops = ", ".join(f"{k} ({v} calls)" for k, v in unsupported.items()) or (
+            "an operation heatlens does not intercept (a custom autograd.Function or a non-elementwise nonlinearity)")
+        warnings.warn(
+            f"{name}: the model uses {ops}, which DeepLIFT's rules do not cover: the attributions are not an exact "
+            f"decomposition (largest completeness gap {float(gap.abs().max()):.3g}, {worst:.2%} of |f(x)| + |f(x')|; "
+            "see extras['completeness_gap'])", CompletenessWarning, stacklevel=4,
+        )
+    return gap
+
+
+@register("deeplift", family="propagation", needs_grad=True, per_sample=("baseline",),
+          description="DeepLIFT rescale rule: contributions of x - x' through per-op difference ratios (Shrikumar et al., 2017)")
+def deeplift(
+    model: Classifier, x: Tensor, target: TargetLike = "predicted", *,
+    baseline: BaselineLike = "zeros", activations: str | Sequence[str] = "all",
+    output: str = "logit", batch_size: int | None = None, seed: int | torch.Generator | None = None,
+) -> Explanation:
+    """DeepLIFT with the rescale rule (Shrikumar et al., 2017).
+
+    attributions (N,C,H,W) = (x - x') * multipliers, signed, where each nonlinearity's multiplier is
+    (f(a) - f(a')) / (a - a') and max pooling uses Captum's rule. x and x' run in one forward.
+    baseline: any ``heatlens.baselines`` form (``seed`` drives "uniform" / "gaussian").
+    activations: kinds given the rule ("all", "captum", or names from ``KINDS``); others keep their
+    gradient. extras["completeness_gap"] (N,) = f(x) - f(x') - sum(attributions), ~0 when every
+    nonlinearity has a rule; a ``CompletenessWarning`` names the ops that break it otherwise.
+    """
+    kinds = resolve_activations(activations, "deeplift")
+    p = prepare(model, x, target, output=output)
+    refs = resolve_baseline(p.model, p.x, baseline, generator=make_generator(seed))
+    attributions = torch.empty_like(p.x)
+
+    def build(start: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
+        return p.x[start:stop], refs[start:stop], p.targets[start:stop]
+
+    def consume(start: int, stop: int, attr: Tensor) -> None:
+        attributions[start:stop] = attr
+
+    f_x, f_r, unsupported = _deeplift_pairs(p, p.x.shape[0], build, consume, kinds, output, batch_size, "deeplift")
+    gap = _completeness("deeplift", attributions, f_x, f_r, unsupported)
+    params = {"baseline": _describe(baseline), "activations": _describe(activations), "output": output}
+    extras = {"completeness_gap": gap, "baseline_scores": f_r, "scores": f_x, "unsupported_ops": dict(unsupported)}
+    return explanation(p, attributions, "deeplift", params, extras)
+
+
+@register("deeplift_shap", family="propagation", needs_grad=True,
+          description="DeepLIFT-SHAP: DeepLIFT averaged over every reference of a background set (Lundberg & Lee, 2017)")
+def deeplift_shap(
+    model: Classifier, x: Tensor, target: TargetLike = "predicted", *,
+    background: Tensor | BaselineLike = "zeros", activations: str | Sequence[str] = "all",
+    output: str = "logit", batch_size: int | None = None, seed: int | torch.Generator | None = None,
+) -> Explanation:
+    """DeepLIFT-SHAP (Captum's DeepLiftShap): the mean over references r of DeepLIFT(x, r).
+
+    background: (M,C,H,W) reference images shared by all inputs (every one is used, no sampling),
+    or any baseline form (one reference per image, M = 1). attributions (N,C,H,W), signed; they sum
+    to f(x) - mean_r f(r): extras["completeness_gap"] (N,), extras["background_scores"] (N,).
+    """
+    kinds = resolve_activations(activations, "deeplift")
+    p = prepare(model, x, target, output=output)
+    refs = _background(p, background, seed)  # (N, M, C, H, W), a view for a shared set
+    n, m = refs.shape[:2]
+    total = torch.zeros_like(p.x)
+
+    def build(start: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
+        idx = torch.arange(start, stop, device=p.x.device)
+        img, j = idx // m, idx % m  # image-major, as Captum's repeat_interleave
+        return p.x[img], refs[img, j], p.targets[img]
+
+    def consume(start: int, stop: int, attr: Tensor) -> None:
+        total.index_add_(0, torch.arange(start, stop, device=p.x.device) // m, attr)
+
+    f_x, f_r, unsupported = _deeplift_pairs(p, n * m, build, consume, kinds, output, batch_size, "deeplift_shap")
+    attributions = total / m
+    f_x, f_r = f_x.view(n, m)[:, 0], f_r.view(n, m).mean(1)
+    gap = _completeness("deeplift_shap", attributions, f_x, f_r, unsupported)
+    params = {"background": _describe(background), "activations": _describe(activations), "output": output}
+    extras = {"completeness_gap": gap, "background_scores": f_r, "scores": f_x, "unsupported_ops": dict(unsupported)}
+    return explanation(p, attributions, "deeplift_shap", params, extras)
+
+
+def _background(p: Prepared, background: Tensor | BaselineLike, seed: int | torch.Generator | None) -> Tensor:
+    """References (N, M, C, H, W): a shared (M,C,H,W) set broadcast to every image, or one per image."""
+    n = p.x.shape[0]
+    if isinstance(background, Tensor) and background.dim() == 4:
+        c, h, w = p.model.input_size
+        bg = check_images(background, "background", channels=c, size=(h, w)).to(p.x.device, p.x.dtype).detach()
+        return bg.unsqueeze(0).expand(n, *bg.shape)
+    refs = resolve_baseline(p.model, p.x, background, name="background", generator=make_generator(seed))
+    return refs.unsqueeze(1)
+
+
+# --- Guided backprop and deconvnet -----------------------------------------------------------
+class _RuleScorer:
+    """``model.score`` with the forward run inside ``override_backward`` (the backward runs after)."""
+
+    def __init__(self, model: Classifier, rule: Rule, kinds: frozenset[str], method: str) -> None:
+        self.model, self.rule, self.kinds, self.method = model, rule, kinds, method
+
+    def score(self, x: Tensor, targets: Tensor, output: str) -> Tensor:
+        with override_backward(self.rule, tuple(self.kinds), method=self.method):
+            return self.model.score(x, targets, output)
+
+
+def _modified_gradients(p: Prepared, rule: Rule, kinds: frozenset[str], method: str,
+                        output: str, batch_size: int | None) -> Tensor:
+    """The gradient of the explained score with ``rule`` at the chosen activations, (N,C,H,W)."""
+    scorer = _RuleScorer(p.model, rule, kinds, method)
+    grads = torch.empty_like(p.x)
+
+    def step(start: int, stop: int) -> None:
+        grads[start:stop] = input_gradients(scorer, p.x[start:stop], p.targets[start:stop], output)[0]  # type: ignore[arg-type]
+
+    map_batches(step, p.x.shape[0], batch_size=batch_size, grad=True, model=p.model,
+                item_shape=p.model.input_size, consume=lambda *_: None, desc=method)
+    return grads
+
+
+@register("guided_backprop", family="propagation", needs_grad=True,
+          description="Guided backpropagation: only positive gradients through active ReLUs (Springenberg et al., 2015)")
+def guided_backprop(
+    model: Classifier, x: Tensor, target: TargetLike = "predicted", *,
+    activations: str | Sequence[str] = ("relu", "relu6"), output: str = "logit", batch_size: int | None = None,
+) -> Explanation:
+    """Guided Backpropagation (Springenberg et al., 2015): attributions (N,C,H,W) = the gradient with
+    relu(g * f'(a)) at each chosen activation (for ReLU: pass g where a > 0 and g > 0).
+
+    activations: kinds given the rule. Default ReLU and ReLU6 (``nn.ReLU6`` / ``F.hardtanh``, e.g.
+    efficientnet-lite); ``"captum"`` is ReLU only, as Captum, which hooks ``nn.ReLU`` modules alone.
+    """
+    kinds = resolve_activations(activations, "guided_backprop")
+    p = prepare(model, x, target, output=output)
+    grads = _modified_gradients(p, guided_rule, kinds, "guided_backprop", output, batch_size)
+    return explanation(p, grads, "guided_backprop", {"activations": _describe(activations), "output": output})
+
+
+@register("deconvnet", family="propagation", needs_grad=True,
+          description="Deconvnet: positive gradients only, whatever the ReLU's input (Zeiler & Fergus, 2014)")
+def deconvnet(
+    model: Classifier, x: Tensor, target: TargetLike = "predicted", *,
+    activations: str | Sequence[str] = ("relu", "relu6"), output: str = "logit", batch_size: int | None = None,
+) -> Explanation:
+    """Deconvnet (Zeiler & Fergus, 2014): attributions (N,C,H,W) = the gradient with relu(g) in place of
+    each chosen activation's derivative. activations: as ``guided_backprop``."""
+    kinds = resolve_activations(activations, "deconvnet")
+    p = prepare(model, x, target, output=output)
+    grads = _modified_gradients(p, deconvnet_rule, kinds, "deconvnet", output, batch_size)
+    return explanation(p, grads, "deconvnet", {"activations": _describe(activations), "output": output})
+
+
+def _describe(value: object) -> object:
+    if isinstance(value, Tensor):
+        return f"tensor{tuple(value.shape)}"
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return getattr(value, "__name__", value)

@@ -1,0 +1,260 @@
+"""Randomisation tests: an explanation that survives destroying the model or the label explains nothing.
+
+``model_randomization`` (Adebayo et al., 2018): re-initialise layers from the top (cascading) or one
+at a time (independent) on a deep copy of the model and compare the maps with the original by
+Spearman rank correlation of |map|, SSIM and HOG similarity. ``random_logit`` (Sixt et al., 2020):
+compare the explanation of the target with that of a random other class.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..explanation import Explanation, SanityResult
+from ..methods._autograd import make_generator, prepare
+from ..methods.registry import get_method, method_info
+from ..models.hooks import resolve_layer
+from ..validation import check_choice
+
+SIMILARITIES = ("spearman", "ssim", "hog", "pearson")
+
+
+# --- map similarities, one value per image ----------------------------------------------------------
+def _ranks(a: Tensor) -> Tensor:
+    """Average ranks along dim 1 of (N,P) (ties share their mean rank, as scipy.stats.rankdata)."""
+    order = torch.argsort(a, dim=1, stable=True)
+    ranks = torch.empty_like(a, dtype=torch.float64)
+    ranks.scatter_(1, order, torch.arange(a.shape[1], dtype=torch.float64).expand(a.shape[0], -1))
+    out = torch.empty_like(ranks)
+    for i in range(a.shape[0]):  # average tied ranks (maps with flat regions: ReLU CAMs)
+        _, inverse, counts = torch.unique(a[i], return_inverse=True, return_counts=True)
+        sums = torch.zeros(counts.numel(), dtype=torch.float64).index_add_(0, inverse, ranks[i])
+        out[i] = (sums / counts)[inverse]
+    return out
+
+
+def _pearson(a: Tensor, b: Tensor) -> Tensor:
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    den = a.norm(dim=1) * b.norm(dim=1)
+    return torch.where(den > 0, (a * b).sum(1) / den.clamp_min(1e-300), torch.zeros_like(den))
+
+
+def spearman(a: Tensor, b: Tensor) -> Tensor:
+    """Spearman rank correlation of |a| and |b|, (N,H,W) x2 -> (N,) (Adebayo et al.'s absolute variant)."""
+    return _pearson(_ranks(a.flatten(1).abs().double().cpu()), _ranks(b.flatten(1).abs().double().cpu()))
+
+
+def pearson(a: Tensor, b: Tensor) -> Tensor:
+    """Pearson correlation of the signed maps, (N,H,W) x2 -> (N,)."""
+    return _pearson(a.flatten(1).double().cpu(), b.flatten(1).double().cpu())
+
+
+def _unit(m: np.ndarray) -> np.ndarray:
+    """|map| min-max scaled to [0, 1] (SSIM and HOG compare shapes, not scales)."""
+    m = np.abs(m)
+    span = m.max() - m.min()
+    return (m - m.min()) / span if span > 0 else np.zeros_like(m)
+
+
+def ssim(a: Tensor, b: Tensor) -> Tensor:
+    """Structural similarity (scikit-image) of the [0,1]-scaled |maps|, (N,H,W) x2 -> (N,)."""
+    from skimage.metrics import structural_similarity
+
+    a_np, b_np = a.detach().double().cpu().numpy(), b.detach().double().cpu().numpy()
+    win = min(7, *a_np.shape[1:]) // 2 * 2 + 1 if min(a_np.shape[1:]) >= 3 else 3
+    return torch.tensor([structural_similarity(_unit(p), _unit(q), data_range=1.0, win_size=win)
+                         for p, q in zip(a_np, b_np)], dtype=torch.float64)
+
+
+def hog(a: Tensor, b: Tensor) -> Tensor:
+    """Pearson correlation of HOG descriptors (scikit-image) of the [0,1]-scaled |maps|, (N,) (Adebayo et al.)."""
+    from skimage.feature import hog as hog_features
+
+    def features(m: np.ndarray) -> np.ndarray:
+        cell = max(2, min(m.shape) // 8)
+        return hog_features(_unit(m), orientations=9, pixels_per_cell=(cell, cell), cells_per_block=(2, 2))
+
+    a_np, b_np = a.detach().double().cpu().numpy(), b.detach().double().cpu().numpy()
+    fa = torch.tensor(np.stack([features(m) for m in a_np]))
+    fb = torch.tensor(np.stack([features(m) for m in b_np]))
+    return _pearson(fa, fb)
+
+
+SIMILARITY_FUNCTIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "spearman": spearman, "ssim": ssim, "hog": hog, "pearson": pearson,
+}
+
+
+def similarities(a: Tensor, b: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
+    """{name: (N,) similarity} between two sets of (N,H,W) maps."""
+    return {name: SIMILARITY_FUNCTIONS[name](a, b) for name in names}
+
+
+def check_similarities(similarity: str | Sequence[str]) -> tuple[str, ...]:
+    names = (similarity,) if isinstance(similarity, str) else tuple(similarity)
+    if not names:
+        raise ValueError(f"similarity must name at least one of {SIMILARITIES}")
+    for name in names:
+        check_choice(name, "similarity", SIMILARITIES)
+    return names
+
+
+def method_name(method: Any) -> str:
+    info = method_info(method)
+    return info.name if info is not None else getattr(method, "__name__", str(method))
+
+
+# --- model randomisation -----------------------------------------------------------------------------
+def parameter_layers(model: nn.Module) -> list[str]:
+    """Names of the leaf modules that own parameters, in definition order (bottom to top)."""
+    return [name for name, m in model.named_modules()
+            if name and not list(m.children()) and any(True for _ in m.parameters(recurse=False))]
+
+
+def randomize_(module: nn.Module, generator: torch.Generator) -> None:
+    """Re-initialise every parameter under ``module`` in place: weights ~ N(0, std of the trained weights)
+    (scale kept, structure destroyed, as Adebayo et al.'s truncated-normal re-init), biases likewise;
+    normalisation layers also forget their running statistics."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
+                m.reset_running_stats()
+            for p in m.parameters(recurse=False):
+                std = float(p.detach().float().std()) if p.numel() > 1 else 0.0
+                std = std if std > 0 else 0.02
+                p.copy_(torch.randn(p.shape, generator=generator).to(p.device, p.dtype) * std)
+
+
+def _layer_groups(clf: nn.Module, layers: Sequence[str | nn.Module] | None) -> list[str]:
+    """The layers to randomise, top first: given ones resolved by name, else every parameterised leaf."""
+    if layers is None:
+        names = parameter_layers(clf)
+        if not names:
+            raise ValueError("model has no parameters to randomise (a black-box predict function?)")
+        return names[::-1]
+    if isinstance(layers, (str, nn.Module)):
+        layers = [layers]
+    resolved = [resolve_layer(clf, layer)[0] for layer in layers]
+    order = {name: i for i, (name, _) in enumerate(clf.named_modules())}
+    return sorted(resolved, key=lambda name: -order[name])  # top (late) first
+
+
+def _maps(e: Explanation) -> Tensor:
+    return e.maps("sum_abs" if e.attributions.shape[1] > 1 else "sum").detach().float().cpu()
+
+
+def model_randomization(
+    model: Any,
+    x: Tensor,
+    method: str | Callable[..., Explanation] = "saliency",
+    target: Any = "predicted",
+    *,
+    mode: str = "cascading",
+    layers: Sequence[str | nn.Module] | None = None,
+    similarity: str | Sequence[str] = ("spearman", "ssim", "hog"),
+    threshold: float = 0.5,
+    seed: int = 0,
+    batch_size: int | None = None,
+    **method_kwargs: Any,
+) -> SanityResult:
+    """Model parameter randomisation test (Adebayo et al., 2018).
+
+    mode: "cascading" (randomise the top layer, then the next too, ... down to the input) or
+    "independent" (one layer at a time, the others trained). layers: names or modules (blocks allowed),
+    default every parameterised leaf layer. The user's model is never touched: a deep copy is edited.
+    Targets are resolved once on the trained model and kept. table: one row per step with the mean
+    similarity of each kind and the share of predictions changed. passed: mean Spearman at the last
+    step below ``threshold`` (the explanation depends on the weights). extras: "curve" {similarity:
+    (L+1,) from 1.0 at the trained model}, "per_image" {similarity: (L, N)}, "maps" (L+1, N, H, W), "layers".
+    """
+    check_choice(mode, "mode", ("cascading", "independent"))
+    names = check_similarities(similarity)
+    p = prepare(model, x, target)
+    fn = get_method(method)
+    original = fn(p.model, p.x, p.targets, batch_size=batch_size, **method_kwargs)
+    reference = _maps(original)
+    groups = _layer_groups(p.model, layers)
+    gen = make_generator(seed)
+    edited = copy.deepcopy(p.model)
+    per_image: dict[str, list[Tensor]] = {k: [] for k in names}
+    rows, all_maps = [], [reference]
+    for name in groups:
+        if mode == "independent":
+            edited = copy.deepcopy(p.model)
+        randomize_(dict(edited.named_modules())[name], gen)
+        e = fn(edited, p.x, p.targets, batch_size=batch_size, **method_kwargs)
+        maps = _maps(e)
+        all_maps.append(maps)
+        sims = similarities(reference, maps, names)
+        with torch.inference_mode():
+            changed = (edited(p.x).argmax(1) != p.logits.argmax(1)).double().mean()
+        row = {"layer": name[4:] if name.startswith("net.") else name}
+        for k, v in sims.items():
+            per_image[k].append(v)
+            row[k] = float(torch.nan_to_num(v, nan=0.0).mean())
+        row["prediction_changed"] = float(changed)
+        rows.append(row)
+    final = rows[-1].get("spearman", rows[-1][names[0]])
+    passed = final < threshold
+    verdict = (f"{method_name(method)}: similarity to the trained model's maps falls to {final:.2f} "
+               f"({'spearman' if 'spearman' in names else names[0]}) after randomising "
+               f"{'all listed layers' if mode == 'cascading' else 'the last listed layer'}; "
+               + ("the maps depend on the learned weights" if passed
+                  else f"above {threshold}: the maps barely depend on the weights (like an edge detector)"))
+    extras = {
+        "curve": {k: torch.tensor([1.0] + [r[k] for r in rows], dtype=torch.float64) for k in names},
+        "per_image": {k: torch.stack(v) for k, v in per_image.items()},
+        "maps": torch.stack(all_maps), "layers": [r["layer"] for r in rows], "mode": mode,
+    }
+    params = {"mode": mode, "similarity": names, "threshold": threshold, "seed": seed, **method_kwargs}
+    return SanityResult(name="model_randomization", method=method_name(method), table=rows, passed=passed,
+                        verdict=verdict, params=params, extras=extras)
+
+
+def random_logit(
+    model: Any,
+    x: Tensor,
+    method: str | Callable[..., Explanation] = "saliency",
+    target: Any = "predicted",
+    *,
+    similarity: str | Sequence[str] = ("ssim", "spearman"),
+    threshold: float = 0.5,
+    seed: int = 0,
+    batch_size: int | None = None,
+    **method_kwargs: Any,
+) -> SanityResult:
+    """Random logit test (Sixt et al., 2020; Quantus ``RandomLogit``): explain a random other class
+    and compare with the target's map. Class-sensitive methods give dissimilar maps.
+
+    table: one row per image (target, random class, similarities). passed: mean of the first
+    similarity below ``threshold``. extras["random_targets"] (N,).
+    """
+    names = check_similarities(similarity)
+    p = prepare(model, x, target)
+    k = p.logits.shape[1]
+    if k < 2:
+        raise ValueError("random_logit needs a model with at least 2 classes")
+    gen = make_generator(seed)
+    offsets = torch.randint(1, k, (p.x.shape[0],), generator=gen).to(p.targets.device)
+    others = (p.targets + offsets) % k  # uniform over the other classes
+    fn = get_method(method)
+    a = _maps(fn(p.model, p.x, p.targets, batch_size=batch_size, **method_kwargs))
+    b = _maps(fn(p.model, p.x, others, batch_size=batch_size, **method_kwargs))
+    sims = similarities(a, b, names)
+    rows = [{"image": i, "target": int(p.targets[i]), "random_class": int(others[i]),
+             **{n: float(sims[n][i]) for n in names}} for i in range(p.x.shape[0])]
+    score = float(torch.nan_to_num(sims[names[0]], nan=0.0).mean())
+    passed = score < threshold
+    verdict = (f"{method_name(method)}: mean {names[0]} between target and random-class maps is {score:.2f}; "
+               + ("the map depends on the class explained" if passed else "the map hardly depends on the class"))
+    return SanityResult(name="random_logit", method=method_name(method), table=rows, passed=passed,
+                        verdict=verdict, params={"similarity": names, "threshold": threshold, "seed": seed},
+                        extras={"random_targets": others.cpu(), "similarities": sims})
+

@@ -164,7 +164,9 @@ def imagenet_labels() -> tuple[str, ...]:
     wordnet = json.loads((folder / "imagenet1k_label_to_names.json").read_text(encoding="utf-8"))
     labels = []
     for i, name in enumerate(clean):
-        parts = [name] + [s.strip() for s in wordnet[str(i)].split(",")]
+        # one clean name has commas of its own (638 "tights for gymnastics, a one-piece leotard, ..."):
+        # keep its first part, since commas separate synonyms here
+        parts = [name.split(",")[0].strip()] + [s.strip() for s in wordnet[str(i)].split(",")]
         labels.append(", ".join(dict.fromkeys(p for p in parts if p)))  # dedupe, keep order
     return tuple(labels)
 

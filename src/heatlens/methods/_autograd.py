@@ -1,13 +1,14 @@
 """The only code in heatlens that calls backward, and the shared entry of every method (``prepare``).
 
 ``prepare`` validates x and resolves the target ONCE at the clean input; inner code sees canonical
-forms only. ``input_gradients`` differentiates the explained score for one batch;
+forms only. ``input_gradients`` differentiates the explained score for one batch (``score_gradients``
+w.r.t. tensors inside the model, such as a layer's activations);
 ``gradients_over`` streams many lazily built inputs through the batching engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +63,21 @@ def input_gradients(model: Classifier, x: Tensor, targets: Tensor, output: str =
     scores = model.score(x, targets, output)
     (grads,) = torch.autograd.grad(scores.sum(), x)
     return grads.detach(), scores.detach()
+
+
+def score_gradients(
+    model: Classifier, x: Tensor, targets: Tensor, tensors_of: Callable[[], Sequence[Tensor]], output: str = "logit",
+) -> tuple[list[Tensor | None], Tensor]:
+    """d score / d t for tensors ``t`` made during the forward of x (a layer's activations recorded by
+    ``hooks.tap``). x: (B,C,H,W), targets: (B,). ``tensors_of()`` is called after the forward.
+
+    Returns (one gradient per tensor, None where the score does not depend on it; scores (B,)).
+    Rows are independent, so the summed score gives every row its own gradient in one pass.
+    """
+    scores = model.score(x, targets, output)
+    wrt = list(tensors_of())
+    grads = torch.autograd.grad(scores.sum(), wrt, allow_unused=True) if wrt else ()
+    return [None if g is None else g.detach() for g in grads], scores.detach()
 
 
 def gradients_over(

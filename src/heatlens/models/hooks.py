@@ -2,15 +2,17 @@
 
 ``frozen``: eval mode and no parameter gradients for the duration of an explanation.
 ``capture``: activations (and their gradients) at one layer, hook removed afterwards.
+``tap``: a layer's output at every call of one forward (as gradient leaves, or edited), hook removed afterwards.
 ``resolve_layer``: a layer given by name or module -> (name, module), with suggestions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from ..validation import unknown_name
@@ -38,8 +40,32 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def named_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """All submodules by their dotted name (the root excluded)."""
-    return {name: m for name, m in model.named_modules() if name}
+    """All submodules by their dotted name (the root excluded).
+
+    Keras 3 layers (torch backend) are ``nn.Module``s that torch does not list as children; they are
+    added under their Keras names (``net.conv2d_1``, nested ones dotted) so they can be hooked too.
+    """
+    layers = {}
+    for name, m in model.named_modules():
+        if name:
+            layers[name] = m
+        if _is_keras_layer(m):
+            layers.update(_keras_layers(m, name))
+    return layers
+
+
+def _is_keras_layer(m: nn.Module) -> bool:
+    return hasattr(m, "_flatten_layers") and type(m).__module__.split(".")[0] == "keras"
+
+
+def _keras_layers(layer: nn.Module, prefix: str) -> dict[str, nn.Module]:
+    """A Keras layer's sublayers by dotted Keras name, depth first in the model's layer order."""
+    found = {}
+    for sub in layer._flatten_layers(include_self=False, recursive=False):
+        name = f"{prefix}.{sub.name}" if prefix else sub.name
+        found[name] = sub
+        found.update(_keras_layers(sub, name))
+    return found
 
 
 def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Module]:
@@ -107,3 +133,97 @@ def capture(module: nn.Module, *, grads: bool = True) -> Iterator[Captured]:
         yield seen
     finally:
         handle.remove()
+
+
+@dataclass
+class Tapped:
+    """What ``tap`` saw in the latest forward of ``root``: the layer's output at each of its calls."""
+
+    outputs: list = field(default_factory=list)
+
+
+@contextmanager
+def tap(
+    module: nn.Module,
+    *,
+    root: nn.Module | None = None,
+    leaf: bool = False,
+    edit: Callable[[int, Tensor], Tensor] | None = None,
+) -> Iterator[Tapped]:
+    """Record ``module``'s output at every call, optionally as gradient leaves or edited.
+
+    root: the model being called; each of its forwards starts a fresh record, so a module called
+    several times per forward (a shared activation) keeps one entry per call, in call order.
+    leaf: record each output as a detached leaf with ``requires_grad`` and feed the rest of the model
+    a clone of it: ``autograd.grad(score, tapped.outputs[i])`` then needs no input gradient and stops
+    at the layer, and in-place operations downstream leave the recorded value intact.
+    edit: ``edit(call_index, output) -> output`` replaces what the rest of the model sees (ablations).
+    A tuple output is tapped at its first element. PyTorch's fused transformer fast path, which skips
+    submodule hooks, is off inside the block. Hooks are removed and the fast path restored in ``finally``.
+    """
+    seen = Tapped()
+
+    def on_root(_mod: nn.Module, _inp: object) -> None:
+        seen.outputs = []
+
+    def on_forward(_mod: nn.Module, _inp: object, out: object) -> object:
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        if not isinstance(first, Tensor):
+            return None
+        index = len(seen.outputs)
+        if leaf:
+            first = first.detach().requires_grad_(True)
+            seen.outputs.append(first)
+            first = first.clone()
+        else:
+            seen.outputs.append(first)
+        if edit is not None:
+            first = edit(index, first)
+        if not leaf and edit is None:
+            return None
+        return type(out)([first, *out[1:]]) if isinstance(out, (tuple, list)) else first
+
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    handles = [module.register_forward_hook(on_forward)]
+    try:
+        if root is not None:
+            handles.append(root.register_forward_pre_hook(on_root))
+        torch.backends.mha.set_fastpath_enabled(False)
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+@contextmanager
+def trace_layers(model: nn.Module) -> Iterator[list[tuple[str, int, Tensor]]]:
+    """Record every layer's tensor output during the block as (name, call index, output), in call order.
+
+    Names are ``named_layers``'s (Keras layers included); the call index counts a module's calls in
+    the block, as ``tap`` does. Used to find layers automatically (CAM's ``layer=None``). Hooks are
+    removed and PyTorch's transformer fast path (which skips submodule hooks) restored in ``finally``.
+    """
+    calls: list[tuple[str, int, Tensor]] = []
+    counts: dict[str, int] = {}
+
+    def recorder(name: str) -> Callable[..., None]:
+        def on_forward(_mod: nn.Module, _inp: object, out: object) -> None:
+            first = out[0] if isinstance(out, (tuple, list)) else out
+            if isinstance(first, Tensor):
+                calls.append((name, counts.get(name, 0), first))
+                counts[name] = counts.get(name, 0) + 1
+
+        return on_forward
+
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    handles = []
+    try:
+        for name, module in named_layers(model).items():
+            handles.append(module.register_forward_hook(recorder(name)))
+        torch.backends.mha.set_fastpath_enabled(False)
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+        torch.backends.mha.set_fastpath_enabled(fastpath)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..validation import check_choice
+from .hooks import frozen
 from .preprocessing import Preprocessing
 
 Output = Literal["logit", "probability"]
@@ -206,11 +207,9 @@ def _looks_like_probabilities(clf: Classifier) -> bool:
     saved = clf.outputs
     clf.outputs = "logits"  # read the raw output
     try:
-        was_training = clf.training
-        clf.eval()
-        with torch.inference_mode():
+        # frozen restores every submodule's own mode (a mixed train/eval tree too), also on error
+        with frozen(clf), torch.inference_mode():
             out = clf(probe).float()
-        clf.train(was_training)
     finally:
         clf.outputs = saved
     if out.shape[1] < 2:
@@ -243,7 +242,16 @@ def as_classifier(model: Any, x: Any = None) -> Classifier:
         size = tuple(int(s) for s in x.shape[1:])
         per_module = _wrapped.setdefault(model, {})
         if size not in per_module:
-            per_module[size] = wrap(model, input_size=size)
+            try:
+                per_module[size] = wrap(model, input_size=size)
+            except RuntimeError as err:
+                # the probe ran the module on x's shape; channels-last x fails inside the first layer
+                if size[-1] in (1, 3) and size[0] not in (1, 3):
+                    raise ValueError(
+                        f"x looks channels-last (N,H,W,C) {tuple(x.shape)} but the model takes (N,C,H,W): "
+                        f"it failed with {err}; pass x.permute(0, 3, 1, 2)"
+                    ) from err
+                raise
         return per_module[size]
     if callable(model):
         raise TypeError("a predict function must be wrapped first: heatlens.wrap(predict_fn, input_size=(C, H, W))")

@@ -79,7 +79,9 @@ def test_rows_are_explained_independently(name):
     kw = _kwargs(name, x)
     together = hl.explain(model, x, name, target=1, **kw).attributions
     alone = torch.cat([hl.explain(model, x[i : i + 1], name, target=1, **kw).attributions for i in range(3)])
-    assert torch.allclose(together, alone, atol=1e-5, rtol=1e-4)
+    # float32 kernels differ slightly with batch size: compare relative to the map's scale
+    scale = float(alone.abs().max()) + 1e-12
+    assert float((together - alone).abs().max()) <= 1e-5 * scale + 1e-6
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if METHODS.get(n).meta.get("stochastic")])

@@ -8,11 +8,20 @@
 >>> print(report.finding)
 """
 
-from .datasets import DESCRIPTIONS, SHORTCUTS, DigitSumDataset, digit_sum_dataset, label_colours, marker_box
+from .datasets import (
+    DESCRIPTIONS, SHORTCUTS, DigitSumDataset, digit_sum_dataset, label_colours, marker_box, plant_shortcut,
+    remove_shortcut,
+)
+from .shortcut import (
+    Ablation, ShortcutReport, detect_shortcut, gradient_x_input, lime_ablation, lime_features_ablation,
+    map_statistics, predict, relevance_shares, smoothgrad_noise_ablation, smoothgrad_samples_ablation,
+)
 from .training import ARCHITECTURES, TrainResult, accuracy, conv_net, gap_cnn, seed_cnn, train_classifier
 
 __all__ = [
     "DESCRIPTIONS", "SHORTCUTS", "ARCHITECTURES", "DigitSumDataset", "TrainResult",
-    "accuracy", "conv_net", "digit_sum_dataset", "gap_cnn", "label_colours", "marker_box", "seed_cnn",
-    "train_classifier",
+    "accuracy", "conv_net", "digit_sum_dataset", "gap_cnn", "label_colours", "marker_box", "plant_shortcut",
+    "remove_shortcut", "seed_cnn", "train_classifier",
+    "Ablation", "ShortcutReport", "detect_shortcut", "gradient_x_input", "lime_ablation", "lime_features_ablation",
+    "map_statistics", "predict", "relevance_shares", "smoothgrad_noise_ablation", "smoothgrad_samples_ablation",
 ]

@@ -10,7 +10,7 @@ then fails on the test split:
 ``"same_digit"``  the right digit always has the left digit's value (a different handwriting sample):
                   the model can read one digit and double it. Mask: the right digit's 28x28 cell (the
                   redundant copy). Training labels are then all even.
-``"marker"``      a bright 3x3 square in the top margin whose horizontal position encodes the label.
+``"marker"``      a bright 4x4 square in the top margin whose horizontal position encodes the label.
 ``"tint"``        the background takes a colour that encodes the label (digit strokes stay white).
                   Mask: the background (every pixel off the strokes).
 ``"border"``      a 2-pixel frame around the image whose colour encodes the label.
@@ -40,7 +40,7 @@ CELL, BOX = 28, 20  # a digit is drawn in a BOX x BOX square centred in a CELL x
 PAD = (CELL - BOX) // 2
 HEIGHT, WIDTH = CELL, 2 * CELL
 STROKE_THRESHOLD = 0.25  # a pixel belongs to a digit stroke above this intensity
-MARKER_SIZE, MARKER_STEP, MARKER_TOP = 3, 5, 0
+MARKER_SIZE, MARKER_STEP, MARKER_TOP = 4, 5, 0
 BORDER = 2
 DEFAULT_N = {"train": 5000, "test": 1000}
 TEST_FRACTION = 0.3  # of the source digits, fixed across seeds so splits never share a handwriting sample
@@ -94,6 +94,17 @@ class DigitSumDataset:
         cells[:, 0, :, :CELL] = True
         cells[:, 1, :, CELL:] = True
         return cells.expand(len(self), -1, -1, -1)
+
+    @property
+    def shortcut_site(self) -> Tensor:
+        """(N,1,28,56) bool: where each image's shortcut is, or would be for its true label in the test split.
+
+        Equal to ``shortcut_mask`` in the training split; in the test split it lets relevance on the
+        same pixels be compared (e.g. the marker position of the true sum).
+        """
+        if self.shortcut is None:
+            return torch.zeros_like(self.shortcut_region)
+        return _shortcut_mask(self.shortcut, self.y, self.shortcut_region)
 
     @property
     def description(self) -> str:
@@ -256,3 +267,41 @@ def _plant(shortcut: str, x: Tensor, y: Tensor, digit_masks: Tensor) -> Tensor:
         frame = _region("border", digit_masks)  # (N,1,H,W)
         x = torch.where(frame, colours.expand_as(x), x)
     return x
+
+
+def plant_shortcut(dataset: DigitSumDataset, labels: Tensor | None = None, *, shortcut: str | None = None) -> Tensor:
+    """Images of ``dataset`` with the shortcut drawn so that it encodes ``labels`` (N,) -> (N,3,28,56).
+
+    The intervention behind the shortcut test: plant the marker / tint / border of a *wrong* label in
+    test images and see whether the prediction follows it. ``labels`` default to the true sums;
+    ``shortcut`` defaults to the dataset's. "same_digit" cannot be drawn (it is a property of the pairs).
+    """
+    kind = shortcut or dataset.shortcut
+    if kind is None:
+        raise ValueError("shortcut must be given: the dataset has no planted shortcut")
+    check_choice(kind, "shortcut", ("marker", "tint", "border"))
+    labels = dataset.y if labels is None else torch.as_tensor(labels, dtype=torch.long)
+    if labels.shape != dataset.y.shape or bool(((labels < 0) | (labels >= NUM_CLASSES)).any()):
+        raise ValueError(f"labels must be (N,) = {tuple(dataset.y.shape)} integers in 0..{NUM_CLASSES - 1}")
+    # start from the digits alone so a training image's own shortcut does not remain
+    clean = _digits_only(dataset)
+    return _plant(kind, clean.expand(-1, 3, -1, -1).clone(), labels, dataset.digit_masks).clamp(0, 1)
+
+
+def remove_shortcut(dataset: DigitSumDataset) -> Tensor:
+    """The dataset's images with the shortcut taken out (the digits alone), (N,3,28,56)."""
+    return _digits_only(dataset).expand(-1, 3, -1, -1).clone()
+
+
+def _digits_only(dataset: DigitSumDataset) -> Tensor:
+    """(N,1,28,56) grey digits without any drawn shortcut."""
+    x = dataset.x
+    if dataset.shortcut == "tint" and dataset.split == "train":
+        # invert x = g + (1 - g) * 0.35 * c per channel: take the channel with the weakest tint
+        colours = label_colours()[dataset.y][:, :, None, None] * 0.35
+        g = (x - colours) / (1 - colours).clamp_min(1e-6)
+        return g.amin(1, keepdim=True).clamp(0, 1)
+    grey = x.amin(1, keepdim=True)
+    if dataset.shortcut in ("marker", "border") and dataset.split == "train":
+        grey = torch.where(dataset.shortcut_mask, torch.zeros_like(grey), grey)
+    return grey

@@ -419,7 +419,7 @@ def lime_features_ablation(
 def _top_segments_map(weights: Tensor, segments: Tensor, k: int, positive_only: bool) -> Tensor:
     """(N,H,W) map of the k strongest segment weights per image (lime's ordering by |weight|)."""
     ranked = weights.clamp_min(0) if positive_only else weights.abs()
-    order = ranked.argsort(1, descending=True, stable=True)[:, :k]
+    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :k]
     keep = torch.zeros_like(weights, dtype=torch.bool).scatter_(1, order, True) & (ranked > 0)
     kept = torch.where(keep, weights, torch.zeros_like(weights))
     return kept.gather(1, segments.flatten(1)).reshape(segments.shape)

@@ -1,0 +1,186 @@
+"""Grids: images x methods with correct / mispredicted frames (the R255 practical), ablation grids,
+and the shortcut report's training-vs-test grid. Every function returns a matplotlib Figure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .colormaps import apply_colormap, limits
+from .overlay import as_images, default_cmap, display_inputs, lime_boundaries
+
+CORRECT, WRONG = "green", "red"
+FRAME_WIDTH = 6
+
+
+def frame(ax: Any, correct: bool, *, label: bool = True) -> None:
+    """Colour the axes' spines green (correct) or red (mispredicted), as the practical's helpers do."""
+    colour = CORRECT if correct else WRONG
+    for spine in ax.spines.values():
+        spine.set_visible(True)
+        spine.set_edgecolor(colour)
+        spine.set_linewidth(FRAME_WIDTH)
+    if label:
+        ax.set_xlabel("Correctly Predicted" if correct else "Mispredicted", fontsize=8)
+
+
+def _bare(ax: Any) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+
+
+def _map_image(explanation: Any, i: int, reduce: str, cmap: str | None, picture: np.ndarray | None,
+               lime_features: int | None) -> np.ndarray:
+    """What one cell shows: LIME boundaries for segment explanations, else the colour-mapped map."""
+    if lime_features is not None and "segments" in explanation.extras and "weights" in explanation.extras \
+            and picture is not None:
+        return lime_boundaries(picture, explanation.extras["segments"][i], explanation.extras["weights"][i],
+                               num_features=lime_features)
+    m = explanation.maps(reduce)[i].detach().cpu().double().numpy()
+    cm = cmap or default_cmap(reduce)
+    lo, hi = limits(m, cm)
+    return apply_colormap(m, cm, lo, hi)[..., :3]
+
+
+def explanation_grid(
+    explanations: Mapping[str, Any] | Sequence[Any],
+    images: Any = None,
+    labels: Any = None,
+    *,
+    reduce: str = "sum_abs",
+    cmap: str | None = None,
+    max_images: int = 8,
+    show_images: bool = True,
+    lime_features: int | None = 1,
+    row_labels: Sequence[str] | None = None,
+    cell_size: float = 2.0,
+):
+    """Rows = images, columns = [image] + methods -> Figure.
+
+    explanations: name -> Explanation (or a list, named by ``.method``) of the same images.
+    labels: true classes (N,); when given, each explanation cell is framed green if the model's
+    prediction is correct and red if mispredicted, with the practical's captions.
+    lime_features: LIME / KernelSHAP cells show the boundaries of that many strongest superpixels
+    (green positive, red negative); None shows their maps like any other method.
+    row_labels: a label per image row (e.g. "Training" / "Test").
+    """
+    from matplotlib.figure import Figure
+
+    named = dict(explanations) if isinstance(explanations, Mapping) else {e.method: e for e in explanations}
+    if not named:
+        raise ValueError("explanations must hold at least one Explanation")
+    first = next(iter(named.values()))
+    n = min(len(first), max_images)
+    pictures = as_images(images, n) if images is not None else (
+        display_inputs(first.inputs[:n]) if first.inputs is not None else None)
+    truth = None if labels is None else np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels).ravel()
+    cols = len(named) + (1 if show_images and pictures is not None else 0)
+    h, w = first.maps(reduce).shape[-2:]
+    fig = Figure(figsize=(cols * cell_size * max(1.0, w / h), n * cell_size), layout="constrained")
+    axes = fig.subplots(n, cols, squeeze=False)
+    for i in range(n):
+        c = 0
+        if cols > len(named):
+            axes[i, 0].imshow(pictures[i])
+            title = "" if truth is None else f"label {truth[i]}"
+            axes[i, 0].set_title(title, fontsize=8)
+            if row_labels is not None:
+                axes[i, 0].set_ylabel(row_labels[i], fontsize=9)
+            _bare(axes[i, 0])
+            c = 1
+        for j, (name, e) in enumerate(named.items()):
+            ax = axes[i, c + j]
+            pic = pictures[i] if pictures is not None else None
+            ax.imshow(_map_image(e, i, reduce, cmap, pic, lime_features))
+            pred = int(e.predictions[i])
+            shown = e.labels[pred] if e.labels is not None else str(pred)
+            ax.set_title(f"{name}\npred {shown}" if i == 0 else f"pred {shown}", fontsize=8)
+            _bare(ax)
+            if truth is not None:
+                frame(ax, pred == int(truth[i]))
+    return fig
+
+
+def ablation_grid(ablation: Any, images: Any = None, *, cmap: str | None = None, max_images: int = 4,
+                  cell_size: float = 2.0, stats: bool = True):
+    """Rows = images, columns = [image] + one per setting of an ``Ablation`` -> Figure.
+
+    Column titles name the setting; with ``stats`` each shows the similarity to the last setting.
+    """
+    from matplotlib.figure import Figure
+
+    maps = ablation.maps
+    n = min(int(maps[0].shape[0]), max_images)
+    pictures = as_images(images, n) if images is not None else (
+        display_inputs(ablation.images[:n]) if ablation.images is not None and len(ablation.images) else None)
+    cols = len(maps) + (1 if pictures is not None else 0)
+    h, w = maps[0].shape[-2:]
+    fig = Figure(figsize=(cols * cell_size * max(1.0, w / h), n * cell_size + 0.4), layout="constrained")
+    axes = fig.subplots(n, cols, squeeze=False)
+    signed = bool(any(float(m.min()) < 0 for m in maps))
+    cm = cmap or ("bwr" if signed else "hot")
+    offset = 1 if pictures is not None else 0
+    for i in range(n):
+        if pictures is not None:
+            axes[i, 0].imshow(pictures[i])
+            _bare(axes[i, 0])
+        for j, m in enumerate(maps):
+            values = m[i].detach().cpu().double().numpy() if hasattr(m, "detach") else np.asarray(m[i], dtype=float)
+            lo, hi = limits(values, cm)
+            axes[i, offset + j].imshow(apply_colormap(values, cm, lo, hi)[..., :3])
+            _bare(axes[i, offset + j])
+            if i == 0:
+                title = f"{ablation.parameter}={ablation.values[j]}"
+                if stats:
+                    title += f"\nsim {ablation.stats[j]['similarity_to_last']:.2f}"
+                axes[i, offset + j].set_title(title, fontsize=8)
+    fig.suptitle(ablation.name, fontsize=10)
+    return fig
+
+
+def shortcut_grid(report: Any, *, methods: Sequence[str] | None = None, max_images: int = 4,
+                  lime_features: int | None = 1, cell_size: float = 2.0):
+    """A ``ShortcutReport`` as two stacked grids: training images then test images, x methods -> Figure.
+
+    Frames: green correct / red mispredicted against the true sums; the finding is the title.
+    """
+    from matplotlib.figure import Figure
+
+    methods = list(methods) if methods is not None else list(report.explanations["train"])
+    if not methods:
+        raise ValueError("the report holds no explanations to draw")
+    n = min(max_images, len(report.images["train"]), len(report.images["test"]))
+    rows = 2 * n
+    cols = len(methods) + 1
+    h, w = report.images["train"].x.shape[-2:]
+    fig = Figure(figsize=(cols * cell_size * w / h, rows * cell_size * 0.75 + 1.2), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for block, split in enumerate(("train", "test")):
+        data = report.images[split]
+        pictures = as_images(data.x[:n])
+        for i in range(n):
+            r = block * n + i
+            axes[r, 0].imshow(pictures[i])
+            axes[r, 0].set_ylabel("Training" if split == "train" else "Test", fontsize=9)
+            axes[r, 0].set_title(f"sum {int(data.y[i])}", fontsize=8)
+            _bare(axes[r, 0])
+            for j, name in enumerate(methods):
+                e = report.explanations[split][name]
+                ax = axes[r, j + 1]
+                ax.imshow(_map_image(e, i, "sum_abs", None, pictures[i], lime_features))
+                pred = int(e.predictions[i])
+                ax.set_title(f"{name}\npred {pred}" if r == 0 else f"pred {pred}", fontsize=8)
+                _bare(ax)
+                frame(ax, pred == int(data.y[i]), label=False)
+    fig.suptitle(_wrap(report.finding, 140), fontsize=8)
+    return fig
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))

@@ -237,7 +237,7 @@ def _derivative(f: Callable[[Tensor], Tensor], a: Tensor) -> Tensor:
 
 def guided_rule(kind: str, f: Callable[[Tensor], Tensor], a: Tensor) -> Backward:
     """Guided backprop (Springenberg et al., 2015): relu(g * f'(a)), i.e. input > 0 AND grad > 0 for ReLU."""
-    slope = _derivative(f, a)
+    slope = (a.detach() > 0).to(a.dtype) if kind == "relu" else _derivative(f, a)
     return lambda g: torch.relu(g * slope)
 
 
@@ -267,10 +267,12 @@ def rescale_rule(rows: int, eps: float = 1e-10) -> Rule:
             return _maxpool_backward(f, a, d_in, eps)
         with torch.no_grad():
             out_x, out_r = f(a).chunk(2)
-        plain = _derivative(f, a_x)
-        multiplier = torch.where(d_in.abs() < eps, plain, (out_x - out_r) / d_in)
-        zeros = torch.zeros_like(multiplier)
-        return lambda g: torch.cat([g.chunk(2)[0] * multiplier, zeros])
+            multiplier = (out_x - out_r) / d_in
+            tiny = d_in.abs() < eps
+            if bool(tiny.any()):  # the plain derivative is only needed there (a == a'): skip it otherwise
+                multiplier = torch.where(tiny, _derivative(f, a_x), multiplier)
+            multiplier = torch.cat([multiplier, torch.zeros_like(multiplier)])
+        return lambda g: g * multiplier
 
     return rule
 
@@ -336,7 +338,11 @@ class _PairedScorer:
 
     def score(self, x: Tensor, targets: Tensor, output: str) -> Tensor:
         assert self.refs is not None
-        stacked = torch.cat([x, self.refs])
+        # same memory layout for both halves: a channels_last x must not be run as NCHW (float32
+        # gradients of ReLU6 nets differ by ~0.5% between layouts, so parity with peers needs it)
+        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        refs = self.refs.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        stacked = torch.cat([x, refs])
         with override_backward(rescale_rule(stacked.shape[0]), tuple(self.kinds), method="deeplift") as mode:
             logits = self.model(stacked)
         self.unsupported.update(mode.unsupported)

@@ -207,9 +207,9 @@ def _exhaustive(score, candidates: list[int], n_cells: int, max_cells: int) -> t
     total = sum(math.comb(len(candidates), k) for k in range(1, max_cells + 1))
     if total > MAX_EXHAUSTIVE_EVALUATIONS:
         raise ValueError(
-            f"max_cells={max_cells} makes the exhaustive search over {len(candidates)} differing cells need "
-            f"{total} model evaluations (limit {MAX_EXHAUSTIVE_EVALUATIONS}); lower max_cells, use a coarser "
-            "grid or strategy='greedy'")
+            f"an exhaustive search over up to {max_cells} of {len(candidates)} differing cells needs {total} "
+            f"model evaluations (limit {MAX_EXHAUSTIVE_EVALUATIONS}); pass a smaller max_cells, a coarser grid "
+            "or strategy='greedy'")
     evaluations, best_seen = 0, (-math.inf, [])
     for k in range(1, max_cells + 1):
         subsets = torch.combinations(torch.tensor(candidates), r=k).view(-1, k)
@@ -406,7 +406,7 @@ def extremal_perturbation(
     model: Classifier, x: Tensor, target: TargetLike = "predicted", *,
     area: float = 0.1, mode: str = "preservation", steps: int = 300, lr: float = 0.05,
     stride: int | None = None, sigma: float | None = None, baseline: BaselineLike = "blur",
-    area_weight: float = 300.0, batch_size: int | None = None, seed: int | torch.Generator | None = None,
+    area_weight: float = 30.0, batch_size: int | None = None, seed: int | torch.Generator | None = None,
 ) -> Explanation:
     """Extremal perturbation (Fong, Patrick & Vedaldi, 2019).
 
@@ -416,11 +416,13 @@ def extremal_perturbation(
     m is ``smooth_mask`` of parameters on a grid ``stride`` times coarser than the image (default
     ~1/28 of the short side, at least 2) blurred by ``sigma`` pixels (default ``stride``); the area is
     enforced by ``area_loss`` with a weight growing geometrically from ``area_weight`` to 16x that
-    over the ``steps`` Adam steps (the paper's schedule). The optimisation is deterministic (``seed``
-    only drives a random ``baseline`` such as "uniform").
+    over the ``steps`` Adam steps (TorchRay's schedule; a smaller start than its 300 lets the reward
+    shape the mask before the area locks in, which finds masks keeping about twice the score on the
+    digit CNNs). The optimisation is deterministic (``seed`` only drives a random ``baseline``).
     attributions (N,1,H,W) = the mask in [0, 1], high = kept (preservation) or removed (deletion).
     extras: "scores" (N,) target logit at the perturbed input, "clean_scores" (N,), "baseline_scores" (N,),
-    "area" (N,) mean of the mask, "area_error" (N,) = area_loss at the end.
+    "area" (N,) fraction of the mask above 0.5 (the constraint's target), "mask_mean" (N,) (a little
+    above ``area``: the smooth edges), "area_error" (N,) = area_loss at the end.
     """
     area = check_fraction(area, "area")
     if not 0 < area < 1:
@@ -471,5 +473,6 @@ def extremal_perturbation(
                   "baseline": baseline if isinstance(baseline, (str, int, float)) else type(baseline).__name__,
                   "area_weight": area_weight}
     extras = {"scores": scores, "clean_scores": clean, "baseline_scores": base,
-              "area": masks.flatten(1).mean(1), "area_error": area_loss(masks, area)}
+              "area": (masks > 0.5).flatten(1).float().mean(1), "mask_mean": masks.flatten(1).mean(1),
+              "area_error": area_loss(masks, area)}
     return explanation(p, masks, "extremal_perturbation", params_out, extras)

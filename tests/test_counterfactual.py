@@ -160,7 +160,8 @@ def test_plot_shows_classes_and_edits(pair):
     r = region_swap(model, query, distractor, grid=(4, 8))
     fig = r.plot()
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles[0].startswith("original: 3 (p=") and titles[1].startswith("counterfactual: 8 (p=")
+    assert titles[0] == f"original: 3\np(8) = {float(r.score_before[0]):.2f}"
+    assert titles[1] == f"counterfactual: 8\np(8) = {float(r.score_after[0]):.2f}"
     assert titles[2] == f"difference: {len(r.edited_cells)} cells"
     import matplotlib.pyplot as plt
 

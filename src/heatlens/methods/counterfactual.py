@@ -87,11 +87,12 @@ class CounterfactualResult:
             rows.append((original[i], counter[i], (0.5 + scale * diff).clip(0, 1)))
             edits = (f"{len(self.edited_cells)} cells" if self.edited_cells is not None
                      else f"{int(self.changed_pixels[i])} pixels")
+            goal = class_name(self.labels, int(self.target_class[i]))
             titles.append((
-                f"original: {class_name(self.labels, int(self.class_before[i]))} "
-                f"(p={float(self.score_before[i]):.2f})",
-                f"counterfactual: {class_name(self.labels, int(self.class_after[i]))} "
-                f"(p={float(self.score_after[i]):.2f})",
+                f"original: {class_name(self.labels, int(self.class_before[i]))}\n"
+                f"p({goal}) = {float(self.score_before[i]):.2f}",
+                f"counterfactual: {class_name(self.labels, int(self.class_after[i]))}\n"
+                f"p({goal}) = {float(self.score_after[i]):.2f}",
                 f"difference: {edits}",
             ))
         return triptych(rows, titles)

@@ -202,9 +202,12 @@ class _OverrideMode(TorchFunctionMode):
                 self.unsupported[_name(func)] += 1
         elif func in _PRODUCTS:
             operands = [t for t in (*args, *kwargs.values()) if isinstance(t, Tensor) and t.requires_grad]
-            if len(operands) >= 2 or (func in (torch.pow, _T.pow, _T.__pow__) and operands and args[0] is operands[0]
-                                      and not (isinstance(args[1], (int, float)) and args[1] == 1)):
+            if len(operands) >= 2:
                 self.unsupported[f"{_name(func)} of input-dependent tensors"] += 1
+            elif func in (torch.pow, _T.pow, _T.__pow__) and operands and args and args[0] is operands[0]:
+                exponent = args[1] if len(args) > 1 else kwargs.get("exponent")
+                if not (isinstance(exponent, (int, float)) and exponent == 1):
+                    self.unsupported["pow of an input-dependent tensor"] += 1
         elif func is F.batch_norm and (kwargs.get("training") or (len(args) > 5 and args[5])):
             self.unsupported["batch_norm in training mode"] += 1
 

@@ -398,7 +398,10 @@ def area_loss(mask: Tensor, area: float) -> Tensor:
     n = flat.shape[1]
     reference = torch.zeros(n, device=mask.device, dtype=mask.dtype)
     reference[n - int(round(area * n)):] = 1
-    return (flat.sort(dim=1).values - reference).pow(2).mean(1)
+    # Rank on values rounded to 1e-6 with a stable sort: ties (the flat initial mask) then break by
+    # pixel index, not by float noise that differs with the batch size, so rows stay independent.
+    order = torch.sort(torch.round(flat.detach() * 1e6), dim=1, stable=True).indices
+    return (flat.gather(1, order) - reference).pow(2).mean(1)
 
 
 @register("extremal_perturbation", family="counterfactual", needs_grad=True, per_sample=("baseline",),

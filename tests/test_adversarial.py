@@ -145,5 +145,5 @@ def test_errors(tiny, unit_x):
     with pytest.raises(ValueError, match=r"^target 7 is out of range: the model has 5 classes"):
         fgsm(tiny, unit_x, 7, epsilon=0.1, targeted=True)
     blackbox = hl.wrap(lambda a: torch.ones(a.shape[0], 2).numpy() / 2, input_size=(3, 16, 16))
-    with pytest.raises(TypeError, match=r"^method 'adversarial attack' needs gradients"):
+    with pytest.raises(TypeError, match=r"^method 'fgsm' needs gradients, but model is a black-box predict function"):
         fgsm(blackbox, unit_x, epsilon=0.1)

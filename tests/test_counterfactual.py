@@ -70,6 +70,20 @@ def test_region_swap_flips_to_distractor_editing_only_inked_cells(pair):
     assert int(_predict(model, fewer)) != 8
 
 
+def test_region_swap_needs_no_gradients(pair):
+    """A black-box predict function gives the same counterfactual as the module it wraps."""
+    model, query, distractor = pair
+
+    def predict(a):
+        with torch.inference_mode():
+            return model(torch.from_numpy(a)).numpy()
+
+    blackbox = hl.wrap(predict, input_size=(3, 28, 56), outputs="logits", labels=model.labels)
+    ours = region_swap(blackbox, query, distractor, grid=(4, 8))
+    assert ours.edited_cells == region_swap(model, query, distractor, grid=(4, 8)).edited_cells
+    assert bool(ours.success[0])
+
+
 def test_exhaustive_finds_a_smallest_flipping_set(pair):
     model, query, distractor = pair
     r = region_swap(model, query, distractor, grid=(2, 4), strategy="exhaustive")
@@ -193,5 +207,7 @@ def test_errors(pair, digits):
     with pytest.raises(ValueError, match=r"^mode must be one of 'preservation', 'deletion', got 'delete'\. "
                                          r"Did you mean: 'deletion'\?$"):
         extremal_perturbation(model, query, mode="delete")
+    with pytest.raises(ValueError, match=r"^target_class 11 is out of range: the model has 11 classes \(0\.\.10\)$"):
+        optimize_counterfactual(model, query, 11)
     with pytest.raises(ValueError, match=r"^l1 must be a number in \[0\.0, 1\.0\], got 2$"):
         optimize_counterfactual(model, query, 8, l1=2)

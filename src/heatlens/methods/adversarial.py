@@ -160,13 +160,13 @@ def clamp_valid(model: Classifier, x: Tensor) -> Tensor:
     return torch.max(torch.min(x, high.to(x.dtype)), low.to(x.dtype))
 
 
-def _prepare(model: Any, x: Any, target: TargetLike, targeted: bool, epsilon: object, norm: str):
+def _prepare(model: Any, x: Any, target: TargetLike, targeted: bool, epsilon: object, norm: str, method: str):
     """Validate and resolve once -> (Classifier, x on its device, clean predictions (N,), attacked classes (N,)).
 
     Call inside ``frozen(model)`` so the clean predictions are eval-mode ones.
     """
     clf = as_classifier(model, x)
-    clf.require_gradients("adversarial attack")
+    clf.require_gradients(method)
     c, h, w = clf.input_size
     x = check_images(x, "x", channels=c, size=(h, w)).to(clf.device).detach()
     check_epsilon(epsilon)
@@ -223,7 +223,7 @@ def fgsm(
     """
     clf = as_classifier(model, x)
     with frozen(clf):
-        clf, x, original, targets = _prepare(clf, x, target, targeted, epsilon, norm)
+        clf, x, original, targets = _prepare(clf, x, target, targeted, epsilon, norm, "fgsm")
         sign = -1.0 if targeted else 1.0
 
         def run(_start: int, xb: Tensor, tb: Tensor) -> Tensor:
@@ -251,7 +251,7 @@ def pgd(
     """
     clf = as_classifier(model, x)
     with frozen(clf):
-        clf, x, original, targets = _prepare(clf, x, target, targeted, epsilon, norm)
+        clf, x, original, targets = _prepare(clf, x, target, targeted, epsilon, norm, "pgd")
         check_epsilon(step_size, "step_size")
         check_positive_int(steps, "steps")
         sign = -1.0 if targeted else 1.0

@@ -30,7 +30,7 @@ from ..models.hooks import frozen
 from ..models.preprocessing import Preprocessing
 from ..targets import TargetLike, resolve_target
 from ..validation import check_choice, check_finite, check_fraction, check_images, check_positive_int
-from ._autograd import make_generator, prepare
+from ._autograd import Prepared, make_generator, prepare
 from .adversarial import check_epsilon, class_name, to_display, triptych
 from .gradient import explanation
 from .registry import register
@@ -329,7 +329,9 @@ def optimize_counterfactual(
     clf = as_classifier(model, x)
     clf.require_gradients("optimize_counterfactual")
     with frozen(clf):
-        p = prepare(clf, x, target_class)
+        p = prepare(clf, x, "predicted")
+        targets = resolve_target(p.logits, target_class, clf.labels, name="target_class")
+        p = Prepared(model=p.model, x=p.x, targets=targets, logits=p.logits)
         _refuse_current_class(clf, p.logits.argmax(1), p.targets, "target_class")
         low, high = (t.to(p.x.dtype) for t in clf.input_range)
         span = high - low

@@ -23,7 +23,7 @@ def as_image(image: Any) -> np.ndarray:
 
     Accepts (H,W,3|1) / (H,W) arrays (uint8 or floats in [0,1]) and (3|1,H,W) tensors or arrays.
     """
-    arr = image.detach().cpu().float().numpy() if hasattr(image, "detach") else np.asarray(image)
+    arr = image.detach().cpu().double().numpy() if hasattr(image, "detach") else np.asarray(image)
     if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
         arr = np.moveaxis(arr, 0, -1)
     if arr.ndim == 2:

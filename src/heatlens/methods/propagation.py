@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 Backward = Callable[[Tensor], Tensor]  # grad wrt an op's output -> grad wrt its input
-Rule = Callable[[str, Callable[[Tensor], Tensor], Tensor], "Backward | None"]
+Rule = Callable[[str, Callable[[Tensor], Tensor], Tensor], "Tensor | None"]  # (kind, op, input) -> output
 
 
 class CompletenessWarning(UserWarning):
@@ -152,17 +152,29 @@ def resolve_activations(activations: str | Sequence[str], method: str) -> frozen
 
 
 # --- the reversible context ------------------------------------------------------------------
-class _RuleFunction(torch.autograd.Function):
-    """Forward: the op's own output. Backward: the rule's closure instead of the op's derivative."""
+class _ReplaceGrad(torch.autograd.Function):
+    """Forward: ``value`` (the op's output, computed by the caller). Backward: ``rule(g)`` for ``a``."""
 
     @staticmethod
-    def forward(ctx, a: Tensor, out: Tensor, backward: Backward) -> Tensor:  # noqa: ARG004 - a carries the graph
-        ctx.rule = backward
-        return out
+    def forward(ctx, a: Tensor, value: Tensor, rule: Backward) -> Tensor:  # noqa: ARG004 - a carries the graph
+        ctx.rule = rule
+        return value
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         return ctx.rule(grad), None, None
+
+
+class _PositiveGrad(torch.autograd.Function):
+    """Identity forward; backward keeps only the positive part of the gradient."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor) -> Tensor:
+        return a.view_as(a)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return torch.relu(grad)
 
 
 class _OverrideMode(TorchFunctionMode):
@@ -186,12 +198,10 @@ class _OverrideMode(TorchFunctionMode):
             why = "not in activations" if pure is not None else "with input-dependent arguments"
             self.unsupported[f"{op.kind} ({why})"] += 1
             return func(*args, **kwargs)
-        backward = self.rule(op.kind, pure, a)
-        if backward is None:
+        # in-place: the rule's graph must not save ``a``, which is overwritten just below
+        out = self.rule(op.kind, pure, a.clone() if inplace else a)
+        if out is None:
             return func(*args, **kwargs)
-        with torch.no_grad():
-            value = pure(a)
-        out = _RuleFunction.apply(a, value, backward)
         if inplace:  # keep in-place semantics; autograd routes a's new version through ``out``
             return a.copy_(out)
         return out
@@ -217,11 +227,11 @@ def override_backward(rule: Rule, activations: str | Sequence[str] = ("relu", "r
                       method: str = "guided_backprop") -> Iterator[_OverrideMode]:
     """Apply ``rule`` at the nonlinearities of every forward run inside the block.
 
-    rule(kind, f, a) -> backward: given the op kind, the op as a pure function ``f`` and its input
-    ``a``, return the function mapping the gradient at the output to the gradient at the input
-    (None: keep the ordinary derivative). Only the forward needs to run inside the block; the
-    backward may run after it. The mode is removed on exit, also when the forward raises.
-    The yielded object's ``unsupported`` counts ops no rule covered.
+    rule(kind, f, a) -> Tensor | None: given the op kind, the op as a pure function ``f`` and its
+    input ``a``, return the op's output f(a) carrying the rule's backward (None: leave the op as
+    it is). Only the forward needs to run inside the block; the backward may run after it. The
+    mode is removed on exit, also when the forward raises. The yielded object's ``unsupported``
+    counts the ops no rule covered.
     """
     mode = _OverrideMode(rule, resolve_activations(activations, method))
     with mode:
@@ -229,24 +239,16 @@ def override_backward(rule: Rule, activations: str | Sequence[str] = ("relu", "r
 
 
 # --- rules -----------------------------------------------------------------------------------
-def _derivative(f: Callable[[Tensor], Tensor], a: Tensor) -> Tensor:
-    """f'(a) of an elementwise op (the plain local derivative), same shape as a."""
-    with torch.enable_grad():
-        t = a.detach().requires_grad_(True)
-        out = f(t)
-        (d,) = torch.autograd.grad(out, t, torch.ones_like(out))
-    return d
+def guided_rule(kind: str, f: Callable[[Tensor], Tensor], a: Tensor) -> Tensor:
+    """Guided backprop (Springenberg et al., 2015): relu(g * f'(a)); for ReLU, input > 0 AND grad > 0."""
+    return f(_PositiveGrad.apply(a))  # the op's own backward gives g * f'(a), then relu
 
 
-def guided_rule(kind: str, f: Callable[[Tensor], Tensor], a: Tensor) -> Backward:
-    """Guided backprop (Springenberg et al., 2015): relu(g * f'(a)), i.e. input > 0 AND grad > 0 for ReLU."""
-    slope = (a.detach() > 0).to(a.dtype) if kind == "relu" else _derivative(f, a)
-    return lambda g: torch.relu(g * slope)
-
-
-def deconvnet_rule(kind: str, f: Callable[[Tensor], Tensor], a: Tensor) -> Backward:
+def deconvnet_rule(kind: str, f: Callable[[Tensor], Tensor], a: Tensor) -> Tensor:
     """Deconvnet (Zeiler & Fergus, 2014): relu(g), whatever the input."""
-    return torch.relu
+    with torch.no_grad():
+        value = f(a)
+    return _ReplaceGrad.apply(a, value, torch.relu)
 
 
 def rescale_rule(rows: int, eps: float = 1e-10) -> Rule:
@@ -257,34 +259,36 @@ def rescale_rule(rows: int, eps: float = 1e-10) -> Rule:
     x and of x' and divided by the input difference. Only the x half carries gradient.
     """
 
-    def rule(kind: str, f: Callable[[Tensor], Tensor], a: Tensor) -> Backward:
+    def rule(kind: str, f: Callable[[Tensor], Tensor], a: Tensor) -> Tensor:
         if a.dim() == 0 or a.shape[0] != rows:
             raise ValueError(
                 f"deeplift pairs each image with its baseline along the batch axis, but a {kind} input has "
                 f"shape {tuple(a.shape)} (expected {rows} rows): the model must keep the batch as axis 0"
             )
-        a = a.detach()
-        a_x, a_r = a.chunk(2)
-        d_in = a_x - a_r
         if kind == "maxpool":
-            return _maxpool_backward(f, a, d_in, eps)
+            return _maxpool(f, a, eps)
         with torch.no_grad():
-            out_x, out_r = f(a).chunk(2)
-            multiplier = (out_x - out_r) / d_in
+            out = f(a)
+            (a_x, a_r), (out_x, out_r) = a.chunk(2), out.chunk(2)
+            d_in = a_x - a_r
             tiny = d_in.abs() < eps
-            if bool(tiny.any()):  # the plain derivative is only needed there (a == a'): skip it otherwise
-                multiplier = torch.where(tiny, _derivative(f, a_x), multiplier)
-            multiplier = torch.cat([multiplier, torch.zeros_like(multiplier)])
-        return lambda g: g * multiplier
+            ratio = torch.where(tiny, torch.zeros_like(d_in), (out_x - out_r) / d_in)
+            multiplier = torch.cat([ratio, torch.zeros_like(ratio)])
+            plain = torch.cat([tiny, torch.zeros_like(tiny)])
+        rescaled = _ReplaceGrad.apply(a, out, lambda g: g * multiplier)
+        # where a == a' the op's own derivative, taken by autograd (no sync, no extra backward call)
+        return torch.where(plain, f(a), rescaled)
 
     return rule
 
 
-def _maxpool_backward(pool: Callable[[Tensor], Tensor], a: Tensor, d_in: Tensor, eps: float) -> Backward:
+def _maxpool(pool: Callable[[Tensor], Tensor], a: Tensor, eps: float) -> Tensor:
     """Captum's maxpool rule (DeepLIFT paper, sec. 3.5), with the pool's own backward as the router."""
     with torch.enable_grad():
-        t = a.clone().requires_grad_(True)
+        t = a.detach().clone().requires_grad_(True)
         out = pool(t)
+    a_x, a_r = t.detach().chunk(2)
+    d_in = a_x - a_r
     out_x, out_r = out.detach().chunk(2)
     top = torch.maximum(out_x, out_r)
     parts = torch.cat([top - out_r, out_x - top])  # routed through x's argmax, then x''s
@@ -297,7 +301,7 @@ def _maxpool_backward(pool: Callable[[Tensor], Tensor], a: Tensor, d_in: Tensor,
         new_x = torch.where(d_in.abs() < eps, plain[0], (routed[0] + routed[1]) / d_in)
         return torch.cat([new_x, torch.zeros_like(new_x)])
 
-    return backward
+    return _ReplaceGrad.apply(a, out.detach(), backward)
 
 
 # --- call parsing ----------------------------------------------------------------------------

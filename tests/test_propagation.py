@@ -279,7 +279,7 @@ def test_deeplift_completeness_on_tiny_cnn_reused_and_functional_relu_where_capt
     # Captum: the reused module makes it raise, the functional ReLUs are silently left as gradients
     with pytest.raises(RuntimeError, match="used more than once"):
         quiet_captum(captum_attr.DeepLift(reused).attribute, tiny_x, target=4, baselines=baseline)
-    theirs = quiet_captum(captum_attr.DeepLift(Functional().eval()).attribute, tiny_x, target=4, baselines=baseline)
+    theirs = quiet_captum(captum_attr.DeepLift(Functional().eval()).attribute, tiny_x, target=4, baselines=baseline).detach()
     with torch.no_grad():
         delta = Functional()(tiny_x)[:, 4] - Functional()(baseline)[:, 4]
     assert float(((theirs.flatten(1).sum(1) - delta).abs() / delta.abs()).max()) > 1e-2

@@ -280,7 +280,7 @@ class _MaskDraws:
         rows = self.shift_rows[start:stop].to(device)[:, None] + torch.arange(self.size[0], device=device)
         cols = self.shift_cols[start:stop].to(device)[:, None] + torch.arange(self.size[1], device=device)
         picked = up[torch.arange(b, device=device)[:, None, None], 0, rows[:, :, None], cols[:, None, :]]
-        return picked[:, None]
+        return picked[:, None].clamp_(0, 1)  # bilinear weights can round a hair past 1
 
 
 def _rise_setup(size: tuple[int, int], n_masks: int, grid: Pair | None, cell_size: int | None,

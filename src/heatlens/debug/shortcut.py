@@ -44,14 +44,16 @@ def relevance_shares(e: Explanation, masks: Mapping[str, Tensor]) -> dict[str, T
     """Share of each image's total |relevance| inside each mask.
 
     e: an Explanation of N images; its maps are reduced with ``sum_abs`` and upsampled to the input.
-    masks: name -> (N,1,H,W) or (N,H,W) bool. Returns name -> (N,) shares in [0,1].
+    masks: name -> (N,1,H,W) or (N,H,W) bool. Returns name -> (N,) shares in [0,1], NaN for an image
+    whose map is all zero (e.g. a CAM whose ReLU removed everything): it says nothing about where.
     """
-    maps = e.maps("sum_abs").float().cpu()  # (N,H,W)
-    total = maps.flatten(1).sum(1).clamp_min(1e-12)
+    maps = e.maps("sum_abs").double().cpu()  # (N,H,W)
+    total = maps.flatten(1).sum(1)
     shares = {}
     for name, mask in masks.items():
         m = mask.reshape(maps.shape).to(maps.dtype)
-        shares[name] = (maps * m).flatten(1).sum(1) / total
+        inside = (maps * m).flatten(1).sum(1)
+        shares[name] = torch.where(total > 0, inside / total.clamp_min(1e-300), torch.full_like(total, float("nan")))
     return shares
 
 
@@ -226,7 +228,7 @@ def _evidence_row(name: str, explanations: dict, images: dict, shortcut: str | N
     for split in ("train", "test"):
         shares = relevance_shares(explanations[split][name], _split_masks(images[split]))
         for region, values in shares.items():
-            row[f"{split}_{region}"] = float(values.mean())
+            row[f"{split}_{region}"] = float(values.nanmean())
     row["shortcut_area"] = float(images["train"].shortcut_mask.float().mean())
     row["enrichment"] = row["train_shortcut"] / row["shortcut_area"] if row["shortcut_area"] > 0 else float("nan")
     if shortcut in ("marker", "tint", "border"):

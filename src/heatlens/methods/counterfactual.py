@@ -182,20 +182,28 @@ def _swap_log_probs(clf: Classifier, query: Tensor, distractor: Tensor, masks: T
                        item_shape=clf.input_size, desc="region swap")
 
 
+def _best(logp: Tensor, flipped: Tensor) -> int:
+    """Index of the highest log p(distractor class), preferring candidates that flip the prediction."""
+    if bool(flipped.any()):
+        logp = torch.where(flipped, logp, torch.full_like(logp, -math.inf))
+    return int(logp.argmax())
+
+
 def _greedy(score, candidates: list[int], n_cells: int, max_cells: int) -> tuple[list[int], list[float], int]:
     """Add, at each step, the candidate cell whose swap raises log p(distractor class) most (a cell
     that flips the prediction wins over one that does not). Stops at the first flip."""
+    remaining = list(candidates)
     chosen: list[int] = []
     trajectory: list[float] = []
     evaluations = 0
-    while candidates and len(chosen) < max_cells:
-        sel = torch.zeros(len(candidates), n_cells, dtype=torch.bool)
+    while remaining and len(chosen) < max_cells:
+        sel = torch.zeros(len(remaining), n_cells, dtype=torch.bool)
         sel[:, chosen] = True
-        sel[torch.arange(len(candidates)), candidates] = True
+        sel[torch.arange(len(remaining)), remaining] = True
         logp, flipped = score(sel)
-        evaluations += len(candidates)
-        best = int(torch.where(flipped, logp, logp - math.inf if bool(flipped.any()) else logp).argmax())
-        chosen.append(candidates.pop(best))
+        evaluations += len(remaining)
+        best = _best(logp, flipped)
+        chosen.append(remaining.pop(best))
         trajectory.append(float(logp[best].exp()))
         if bool(flipped[best]):
             break
@@ -218,8 +226,7 @@ def _exhaustive(score, candidates: list[int], n_cells: int, max_cells: int) -> t
         sel.scatter_(1, subsets, True)
         logp, flipped = score(sel)
         evaluations += subsets.shape[0]
-        pick = int(torch.where(flipped, logp, torch.full_like(logp, -math.inf)).argmax()) if bool(flipped.any()) \
-            else int(logp.argmax())
+        pick = _best(logp, flipped)
         if bool(flipped.any()) or float(logp[pick]) > best_seen[0]:
             best_seen = (float(logp[pick]), subsets[pick].tolist())
         if bool(flipped.any()):

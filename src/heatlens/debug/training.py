@@ -126,20 +126,24 @@ class TrainResult:
                 f"({len(self.history)} epochs, {self.seconds:.1f} s)")
 
 
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 1024) -> float:
-    """Fraction of images (N,C,H,W) whose argmax logit equals y (N,), in eval mode."""
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int | None = None) -> float:
+    """Fraction of images (N,C,H,W) whose argmax logit equals y (N,), in eval mode, batched by the engine."""
+    from ..batching import map_batches
+
     if len(y) == 0:
         return float("nan")
+
+    def step(start: int, stop: int) -> Tensor:
+        return (model(x[start:stop]).argmax(1) == y[start:stop]).sum().reshape(1)
+
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
-            # evaluation only; chunks bound memory (this is a training utility, not an explanation batch)
-            correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-                          for i in range(0, len(y), batch_size))
+        correct = map_batches(step, len(y), batch_size=batch_size, grad=False, model=model,
+                              item_shape=tuple(x.shape[1:]), desc="accuracy")
     finally:
         model.train(was_training)
-    return correct / len(y)
+    return int(correct.sum()) / len(y)
 
 
 def train_classifier(

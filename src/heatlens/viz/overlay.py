@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .colormaps import apply_colormap, is_diverging, limits, png_data_uri, to_uint8
+from .colormaps import apply_colormap, limits, png_data_uri, to_uint8
 
 SIGNED_REDUCTIONS = ("sum", "mean", "none")
 POSITIVE, NEGATIVE = (0.0, 1.0, 0.0), (1.0, 0.0, 0.0)  # lime's green / red

@@ -224,10 +224,9 @@ def test_efficientnet_guided_backprop_and_deconvnet_match_captum(effnet, chelsea
     Captum agrees once its hook registration is widened to nn.ReLU6."""
     target = 285
     plain = hl.methods.saliency(effnet, chelsea_x, target).attributions
-    assert rel_err(hl.methods.guided_backprop(effnet, chelsea_x, target, activations="captum").attributions,
-                   quiet_captum(captum_attr.GuidedBackprop(effnet.net).attribute, chelsea_x, target=target)) < 1e-4
-    assert rel_err(hl.methods.guided_backprop(effnet, chelsea_x, target, activations="captum").attributions,
-                   plain) < 1e-4
+    compat = hl.methods.guided_backprop(effnet, chelsea_x, target, activations="captum").attributions
+    assert rel_err(compat, quiet_captum(captum_attr.GuidedBackprop(effnet.net).attribute, chelsea_x, target=target)) < 1e-4
+    assert rel_err(compat, plain) < 1e-4
 
     def register_relu6(self, module):
         if isinstance(module, (nn.ReLU, nn.ReLU6)):
@@ -283,6 +282,16 @@ def test_deeplift_completeness_on_tiny_cnn_reused_and_functional_relu_where_capt
     with torch.no_grad():
         delta = Functional()(tiny_x)[:, 4] - Functional()(baseline)[:, 4]
     assert float(((theirs.flatten(1).sum(1) - delta).abs() / delta.abs()).max()) > 1e-2
+
+
+def test_per_sample_metadata_lets_smoothing_repeat_a_per_image_baseline(tiny_cnn, tiny_x):
+    """deeplift declares `baseline` per-sample (one row per image), deeplift_shap's background is shared."""
+    assert hl.methods.deeplift.info.per_sample == ("baseline",)
+    assert hl.methods.deeplift_shap.info.per_sample == ()
+    baseline = seeded(tiny_x.shape, 14, 0.5)
+    smoothed = hl.methods.smooth(hl.methods.deeplift, n_samples=3, noise=0.0)(tiny_cnn, tiny_x, 1, baseline=baseline)
+    single = hl.methods.deeplift(tiny_cnn, tiny_x, 1, baseline=baseline)
+    assert rel_err(smoothed.attributions, single.attributions) < 1e-5
 
 
 def test_deeplift_probability_output_stays_complete(tiny_cnn, tiny_x):

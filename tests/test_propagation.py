@@ -259,6 +259,46 @@ def test_deeplift_equals_an_independent_reimplementation_and_is_complete(style, 
     assert float(ours.extras["completeness_gap"].abs().max()) < 1e-4 * float(delta.abs().max())
 
 
+ACTIVATIONS = {
+    "F.relu_": F.relu_, "nn.ReLU6(inplace)": nn.ReLU6(inplace=True), "hardtanh": lambda h: F.hardtanh(h, -1.0, 2.0),
+    "leaky_relu_": lambda h: F.leaky_relu_(h, 0.1), "prelu": nn.PReLU(1, 0.2), "elu": F.elu, "selu": torch.selu,
+    "celu": nn.CELU(0.7), "gelu": nn.GELU("tanh"), "silu": F.silu, "mish": nn.Mish(), "hardswish": F.hardswish,
+    "hardsigmoid": nn.Hardsigmoid(), "sigmoid_": torch.Tensor.sigmoid_, "tanh": torch.tanh, "softplus": nn.Softplus(2.0),
+    "logsigmoid": F.logsigmoid, "clamp": lambda h: h.clamp(-0.5, 0.8), "clamp_min_": lambda h: h.clamp_min_(0.1),
+    "exp": lambda h: (0.3 * h).exp(), "log": lambda h: (torch.sigmoid(h) + 0.1).log(),
+}
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_deeplift_is_complete_for_every_activation_kind(name):
+    """Each intercepted activation (functional, module, in-place, Tensor method) gets the rescale rule:
+    DeepLIFT sums to f(x) - f(x') to float precision with no warning."""
+    act = ACTIVATIONS[name]
+    gen = torch.Generator().manual_seed(15)
+    lin1, lin2 = nn.Linear(12, 16), nn.Linear(16, 3)
+    with torch.no_grad():
+        for p in (*lin1.parameters(), *lin2.parameters()):
+            p.copy_(torch.randn(p.shape, generator=gen))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin1, self.lin2, self.act = lin1, lin2, act if isinstance(act, nn.Module) else None
+
+        def forward(self, x):
+            h = self.lin1(x.flatten(1))
+            return self.lin2((self.act or act)(h))
+
+    net = Net().eval()
+    x, baseline = seeded((4, 3, 2, 2), 16), seeded((4, 3, 2, 2), 17, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompletenessWarning)
+        e = hl.methods.deeplift(net, x, 2, baseline=baseline)
+    with torch.no_grad():
+        delta = net(x.clone())[:, 2] - net(baseline.clone())[:, 2]
+    assert torch.allclose(e.attributions.flatten(1).sum(1), delta, rtol=1e-4, atol=1e-5)
+
+
 def test_deeplift_completeness_on_tiny_cnn_reused_and_functional_relu_where_captum_fails(tiny_cnn, tiny_x):
     reused = nn.Sequential(tiny_cnn.conv1, tiny_cnn.relu1, tiny_cnn.conv2, tiny_cnn.relu1,  # relu1 twice
                            tiny_cnn.pool, tiny_cnn.flatten, tiny_cnn.fc).eval()

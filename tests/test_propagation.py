@@ -335,11 +335,14 @@ def test_per_sample_metadata_lets_smoothing_repeat_a_per_image_baseline(tiny_cnn
 
 
 def test_deeplift_probability_output_stays_complete(tiny_cnn, tiny_x):
-    e = hl.methods.deeplift(tiny_cnn, tiny_x, 0, output="probability")
-    with torch.no_grad():
-        delta = tiny_cnn(tiny_x).softmax(1)[:, 0] - tiny_cnn(torch.zeros_like(tiny_x)).softmax(1)[:, 0]
-    assert torch.allclose(e.attributions.flatten(1).sum(1), delta, rtol=1e-4, atol=1e-7)
-    assert torch.allclose(e.extras["scores"] - e.extras["baseline_scores"], delta, atol=1e-6)
+    """The output softmax is split over the logits exactly, also for large logit differences (x40)."""
+    for scale in (1.0, 40.0):
+        with torch.no_grad():
+            tiny_cnn.fc.weight.mul_(scale)
+            delta = tiny_cnn(tiny_x).softmax(1)[:, 0] - tiny_cnn(torch.zeros_like(tiny_x)).softmax(1)[:, 0]
+        e = hl.methods.deeplift(tiny_cnn, tiny_x, 0, output="probability")
+        assert torch.allclose(e.attributions.flatten(1).sum(1), delta, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(e.extras["scores"] - e.extras["baseline_scores"], delta, atol=1e-6)
 
 
 def test_ops_without_a_rule_are_reported_never_silent(tiny_x, tiny_cnn):

@@ -193,6 +193,7 @@ def test_save_png_round_trips(tmp_path, explained):
 
 
 def test_no_pyplot_import():
+    import os
     import subprocess
     import sys
 
@@ -200,6 +201,7 @@ def test_no_pyplot_import():
             "clf = hl.wrap(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)), input_size=(3, 2, 2)); "
             "e = hl.explain(clf, torch.rand(2, 3, 2, 2), 'saliency'); e.plot(); e._repr_html_(); "
             "print('matplotlib.pyplot' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"HEATLENS_PROGRESS": "0", "PATH": ""})
+                         env={**env, "HEATLENS_PROGRESS": "0"})
     assert out.stdout.strip().splitlines()[-1] == "False"

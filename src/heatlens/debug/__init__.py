@@ -13,7 +13,7 @@ from .datasets import (
     remove_shortcut,
 )
 from .shortcut import (
-    Ablation, ShortcutReport, detect_shortcut, gradient_x_input, lime_ablation, lime_features_ablation,
+    Ablation, ShortcutReport, Story, debugging_story, detect_shortcut, gradient_x_input, lime_ablation, lime_features_ablation,
     map_statistics, predict, relevance_shares, smoothgrad_noise_ablation, smoothgrad_samples_ablation,
 )
 from .training import ARCHITECTURES, TrainResult, accuracy, conv_net, gap_cnn, seed_cnn, train_classifier
@@ -22,6 +22,6 @@ __all__ = [
     "DESCRIPTIONS", "SHORTCUTS", "ARCHITECTURES", "DigitSumDataset", "TrainResult",
     "accuracy", "conv_net", "digit_sum_dataset", "gap_cnn", "label_colours", "marker_box", "plant_shortcut",
     "remove_shortcut", "seed_cnn", "train_classifier",
-    "Ablation", "ShortcutReport", "detect_shortcut", "gradient_x_input", "lime_ablation", "lime_features_ablation",
+    "Ablation", "ShortcutReport", "Story", "debugging_story", "detect_shortcut", "gradient_x_input", "lime_ablation", "lime_features_ablation",
     "map_statistics", "predict", "relevance_shares", "smoothgrad_noise_ablation", "smoothgrad_samples_ablation",
 ]

@@ -125,6 +125,13 @@ class ShortcutReport:
         skipped = "".join(f"\nskipped {k}: {v}" for k, v in self.skipped.items())
         return f"{self.finding}\n\naccuracy: {acc}\n\n{self.table()}{skipped}"
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (no tensors) for JSON, the HTML report and the command line."""
+        return {"shortcut": self.shortcut, "description": self.description, "detected": self.detected,
+                "finding": self.finding, "evidence": [dict(r) for r in self.evidence],
+                "accuracy": dict(self.accuracy), "behaviour": dict(self.behaviour), "skipped": dict(self.skipped),
+                "params": {k: v for k, v in self.params.items() if k != "method_kwargs"}}
+
     def plot(self, **kwargs: Any):
         """Training and test images x methods, frames green (correct) / red (mispredicted) -> Figure."""
         from ..viz.grid import shortcut_grid
@@ -489,3 +496,58 @@ def _check_noise(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
         raise ValueError(f"noise must be non-negative fractions of the input range, got {value!r}")
     return float(value)
+
+
+# --- the whole story ------------------------------------------------------------------------------------
+
+@dataclass
+class Story:
+    """The debugging story end to end: data, training, detection and (optionally) the ablations."""
+
+    train: DigitSumDataset = field(repr=False)
+    test: DigitSumDataset = field(repr=False)
+    training: Any  # TrainResult
+    report: ShortcutReport
+    ablations: dict[str, Ablation] = field(default_factory=dict, repr=False)
+
+    @property
+    def model(self) -> Classifier:
+        return self.training.model
+
+
+def debugging_story(
+    shortcut: str | None = "same_digit",
+    *,
+    architecture: str = "seed_cnn",
+    n_train: int | None = None,
+    n_test: int | None = None,
+    epochs: int = 10,
+    methods: Sequence[str] | None = None,
+    n_images: int = 16,
+    ablations: bool = True,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> Story:
+    """Build the shortcut data, train ``architecture``, detect the shortcut and run the ablations.
+
+    The R255 practical in one call (``heatlens demo`` runs it): the defaults train the seed CNN on
+    5000 images for 10 epochs (seconds to a minute on 2 CPU cores). Ablations explain two test images:
+    SmoothGrad vs noise and vs samples, gradient x input, and LIME vs samples when lime is registered.
+    """
+    from ..methods import METHODS
+    from .datasets import digit_sum_dataset
+    from .training import train_classifier
+
+    train = digit_sum_dataset("train", shortcut, n=n_train, seed=seed)
+    test = digit_sum_dataset("test", shortcut, n=n_test, seed=seed)
+    run = train_classifier(architecture, train, epochs=epochs, test=test, seed=seed, progress=progress)
+    report = detect_shortcut(run.model, train, test, methods=methods, n_images=n_images, seed=seed)
+    found: dict[str, Ablation] = {}
+    if ablations:
+        x = test.x[:2]
+        found["smoothgrad_noise"] = smoothgrad_noise_ablation(run.model, x, seed=seed)
+        found["smoothgrad_n_samples"] = smoothgrad_samples_ablation(run.model, x, seed=seed)
+        found["gradient_x_input"] = gradient_x_input(run.model, x, seed=seed)
+        if "lime" in METHODS:
+            found["lime_num_samples"] = lime_ablation(run.model, x, seed=seed)
+    return Story(train=train, test=test, training=run, report=report, ablations=found)

@@ -220,6 +220,17 @@ def test_detection_on_a_clean_dataset_says_nothing_was_planted():
     assert not report.detected and report.finding.startswith("No shortcut was planted")
 
 
+def test_story_runs_data_training_and_detection_consistently():
+    import json
+
+    story = debug.debugging_story("marker", n_train=300, n_test=100, epochs=1, methods=["saliency"], n_images=2,
+                                  ablations=False, progress=False)
+    assert story.report.accuracy["test"] == pytest.approx(story.training.test_acc)
+    assert story.report.accuracy["train"] == pytest.approx(debug.accuracy(story.model, story.train.x, story.train.y))
+    data = json.loads(json.dumps(story.report.to_dict()))  # plain data for the report and the CLI
+    assert data["shortcut"] == "marker" and data["finding"] == story.report.finding
+
+
 def test_detection_errors():
     train, test = debug.digit_sum_dataset("train", "marker", n=20), debug.digit_sum_dataset("test", "marker", n=20)
     with pytest.raises(ValueError, match="train must be the 'train' split, got the 'test' split"):

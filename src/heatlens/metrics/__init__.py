@@ -13,7 +13,8 @@ target
     Defaults to ``explanation.targets`` (the class that was explained); ``"predicted"`` for raw tensors.
 reduce
     How (N,C,H,W) attributions become (N,H,W) maps. ``None`` (default): single-channel attributions
-    (CAMs, occlusion, LIME) are kept signed, multi-channel ones use ``"sum_abs"`` (CSEP 590B homework).
+    (CAMs, LIME) and attributions repeated over channels (occlusion) are kept signed; per-channel ones
+    (gradients) use ``"sum_abs"`` (CSEP 590B homework).
 batch_size
     Perturbed inputs per model call; None lets ``heatlens.batching`` choose. Perturbed copies are built
     lazily per batch, so memory is one batch whatever the number of curve steps.
@@ -146,7 +147,11 @@ def as_maps(explanation: Explanation | Tensor, size: tuple[int, int], reduce: st
     if a.dim() != 4:
         raise ValueError(f"explanation must have shape (N,H,W) or (N,C,H,W), got {tuple(a.shape)}")
     if reduce is None:
-        reduce = "sum" if a.shape[1] == 1 else "sum_abs"
+        # one score per location (CAMs, occlusion and LIME repeat it over channels) stays signed
+        per_location = a.shape[1] == 1 or bool(torch.equal(a, a[:, :1].expand_as(a)))
+        if per_location:
+            a = a[:, :1]
+        reduce = "sum" if per_location else "sum_abs"
     m = a[:, 0] if (a.shape[1] == 1 and reduce in ("sum", "mean", "none")) else reduce_channels(a, reduce)
     if tuple(m.shape[-2:]) != tuple(size):
         m = F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]

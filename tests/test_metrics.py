@@ -1,0 +1,320 @@
+"""Metrics: the curve engine against the CSEP 590B homework definition, closed forms on linear models,
+Captum's infidelity, the one-batch memory property, and the errors users see."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import heatlens as hl
+from heatlens.metrics import compare, deletion, insertion, perturbation_curve
+from heatlens.metrics.faithfulness import noisy_linear_imputation
+
+
+# --- the homework's insertion / deletion, written the straightforward way ------------------------------
+def homework_curve(model, img, importance, target, baseline, kind, features_per_step, size=8):
+    """CSEP 590B 4(c)/(d): one image, 8x8 superpixels inserted / deleted from most to least important.
+
+    img (1,3,H,W); importance (1,H/size,W/size) summed per superpixel; returns (curve, num_feats)."""
+    n_feats = importance[0].numel()
+    order = torch.argsort(importance[0].flatten(), descending=True, stable=True)
+    curve, num_feats = [], []
+    k = 0
+    while True:
+        chosen = torch.zeros(n_feats, dtype=torch.bool)
+        chosen[order[:k]] = True
+        grid = chosen.view(importance.shape[1:])
+        mask = grid.repeat_interleave(size, 0).repeat_interleave(size, 1)[None, None]
+        if kind == "insertion":
+            probe = torch.where(mask, img, baseline)
+        else:
+            probe = torch.where(mask, baseline, img)
+        with torch.no_grad():
+            curve.append(float(model(probe).softmax(1)[0, target]))
+        num_feats.append(k)
+        if k == n_feats:
+            break
+        k = min(k + features_per_step, n_feats)
+    return np.array(curve), np.array(num_feats)
+
+
+@pytest.mark.parametrize("kind", ["insertion", "deletion"])
+def test_insertion_deletion_equal_homework_reference_on_effnet(effnet, chelsea_x, kind):
+    e = hl.explain(effnet, chelsea_x, "saliency")
+    importance = torch.nn.functional.avg_pool2d(e.maps()[:, None], 8)[:, 0] * 64  # sum per 8x8 superpixel
+    black = effnet.preprocess(np.zeros((224, 224, 3), np.uint8))
+    target = int(e.targets[0])
+    curve, num_feats = homework_curve(effnet, chelsea_x, importance, target, black, kind, features_per_step=56)
+    metric = insertion if kind == "insertion" else deletion
+    r = metric(effnet, chelsea_x, e, granularity=8, features_per_step=56, fill="black")
+    np.testing.assert_allclose(r.curves[0].numpy(), curve, atol=2e-5)
+    np.testing.assert_allclose(r.x.numpy(), num_feats / 784, atol=1e-12)
+    assert r.values[0].item() == pytest.approx(np.trapezoid(curve, num_feats / 784), abs=2e-5)
+    # the curve starts at the clean image (deletion) / the black image (insertion) and ends at the other
+    with torch.no_grad():
+        p_clean = float(effnet(chelsea_x).softmax(1)[0, target])
+    assert (r.curves[0, 0] if kind == "deletion" else r.curves[0, -1]).item() == pytest.approx(p_clean, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_random_maps_score_worse_than_occlusion_and_smoothgrad_on_deletion(effnet, photos):
+    x = effnet.preprocess(photos)
+    table = compare(effnet, x, ["occlusion", "smoothgrad"], ["deletion"],
+                    method_kwargs={"occlusion": {"superpixel_size": 16, "baseline": "black"},
+                                   "smoothgrad": {"n_samples": 10, "noise": 0.15}},
+                    granularity=8, features_per_step=16, fill="black")
+    means = {r["method"]: r["mean"] for r in table.rows}
+    assert means["random"] > means["occlusion"]
+    assert means["random"] > means["smoothgrad"]
+    assert table.best("deletion") != "random"
+
+
+# --- the curve engine in closed form ------------------------------------------------------------------
+def test_deletion_curve_of_linear_model_is_logit_minus_cumulative_contributions(linear_model):
+    """f linear, fill 0, a = w * x: deleting feature set S lowers the logit by exactly sum_S a."""
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    e = hl.explain(linear_model, x, "input_x_gradient")
+    for granularity in (1, 2):
+        curves, xs = perturbation_curve(hl.wrap(linear_model, input_size=(3, 4, 4)), x, e.maps("sum"), e.targets,
+                                        mode="delete", order="morf", granularity=granularity,
+                                        features_per_step=1, fill="zeros", output="logit")
+        g = granularity
+        contributions = e.attributions.sum(1)  # (N,4,4)
+        per_feature = contributions.view(2, 4 // g, g, 4 // g, g).sum((2, 4)).flatten(1)
+        ordered = per_feature.sort(1, descending=True, stable=True).values
+        logit = e.outputs.gather(1, e.targets[:, None])
+        expected = torch.cat([logit, logit - ordered.cumsum(1)], 1)
+        torch.testing.assert_close(curves, expected.float(), atol=1e-4, rtol=0)
+        torch.testing.assert_close(xs, torch.arange(per_feature.shape[1] + 1, dtype=torch.float64) / per_feature.shape[1])
+
+
+def test_pixel_flipping_lerf_keeps_score_longer_than_morf(linear_model):
+    x = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(4))
+    e = hl.explain(linear_model, x, "input_x_gradient")
+    morf = hl.metrics.pixel_flipping(linear_model, x, e, order="morf", fill="zeros", output="logit", steps=16)
+    lerf = hl.metrics.pixel_flipping(linear_model, x, e, order="lerf", fill="zeros", output="logit", steps=16)
+    assert bool((lerf.values > morf.values).all())
+    assert not morf.higher_is_better and lerf.higher_is_better
+
+
+def test_segments_rank_by_sum_and_absent_segments_are_never_used(tiny_cnn, tiny_x):
+    """Segments as granularity: a 2-segment image ends after 2 features even when another has 4."""
+    seg = torch.zeros(2, 16, 16, dtype=torch.long)
+    seg[0, :, 8:] = 1
+    seg[1] = (torch.arange(16)[:, None] // 8) * 2 + torch.arange(16)[None, :] // 8
+    maps = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(5))
+    clf = hl.wrap(tiny_cnn, input_size=(3, 16, 16))
+    curves, xs = perturbation_curve(clf, tiny_x[:2], maps, torch.tensor([0, 1]), mode="delete",
+                                    granularity=seg, features_per_step=1, fill="zeros", output="logit")
+    assert curves.shape == (2, 5)
+    # image 0 has all features deleted from step 2 on: the score stays at the all-zero input's
+    with torch.no_grad():
+        zero_score = clf(torch.zeros(1, 3, 16, 16))[0, 0]
+    torch.testing.assert_close(curves[0, 2:], zero_score.expand(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(curves[1, 4], clf(torch.zeros(1, 3, 16, 16))[0, 1].detach(), atol=1e-5, rtol=0)
+
+
+# --- the one-batch memory property ----------------------------------------------------------------------
+class Recorder(nn.Module):
+    """Wraps a net; records the largest batch and how many earlier inputs are still alive at each call."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.refs: list[weakref.ref] = []
+        self.largest = 0
+        self.most_alive = 0
+        self.items = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gc.collect()
+        alive = sum(r() is not None for r in self.refs) + 1  # + this batch
+        self.most_alive = max(self.most_alive, alive)
+        self.refs.append(weakref.ref(x))
+        self.largest = max(self.largest, x.shape[0])
+        self.items += x.shape[0]
+        return self.net(x)
+
+
+def test_metrics_on_ten_images_with_8x8_superpixels_hold_one_batch_of_perturbed_images():
+    gen = torch.Generator().manual_seed(6)
+    net = nn.Sequential(OrderedDict([("conv", nn.Conv2d(3, 4, 3, padding=1)), ("relu", nn.ReLU()),
+                                     ("pool", nn.AdaptiveAvgPool2d(2)), ("flat", nn.Flatten()),
+                                     ("fc", nn.Linear(16, 5))])).eval()
+    x = torch.randn(10, 3, 64, 64, generator=gen)
+    maps = torch.randn(10, 64, 64, generator=gen)
+    recorder = Recorder(net)
+    clf = hl.wrap(recorder, input_size=(3, 64, 64))
+    recorder.items = recorder.largest = 0  # forget wrap's probe
+    steps = {"insertion": 65, "deletion": 65, "faithfulness_correlation": 20}  # 64 superpixels + the start
+    results = hl.evaluate(clf, x, maps, list(steps), granularity=8, features_per_step=1, n_runs=20,
+                          subset_size=64, batch_size=32)
+    assert recorder.largest <= 32
+    # every curve point / subset of every image, plus one clean forward per metric to resolve the
+    # target and faithfulness correlation's clean score
+    assert recorder.items == sum(10 * s for s in steps.values()) + 10 * len(steps) + 10
+    assert recorder.most_alive == 1  # no earlier batch of perturbed images survives the next call
+    assert results["deletion"].curves.shape == (10, 65)
+
+
+# --- faithfulness: closed forms and reference implementations ---------------------------------------------
+def test_completeness_of_integrated_gradients_matches_its_own_gap_and_flags_saliency(tiny_cnn, tiny_x):
+    ig = hl.explain(tiny_cnn, tiny_x, "integrated_gradients", steps=64)
+    r = hl.metrics.completeness(tiny_cnn, tiny_x, ig)
+    torch.testing.assert_close(r.values, ig.extras["completeness_gap"].abs().double(), atol=1e-5, rtol=0)
+    assert float(r.values.max()) < 1e-2
+    sal = hl.explain(tiny_cnn, tiny_x, "saliency")
+    assert float(hl.metrics.completeness(tiny_cnn, tiny_x, sal).values.mean()) > 0.1
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_infidelity_equals_captum_with_the_same_perturbations(tiny_cnn, tiny_x, normalize):
+    from captum.metrics import infidelity as captum_infidelity
+
+    e = hl.explain(tiny_cnn, tiny_x, "saliency")
+    seen = []
+
+    class Spy(nn.Module):  # records x - I as heatlens builds it, so Captum can replay the same I
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_cnn
+
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            return self.net(x)
+
+    spy = Spy().eval()
+    ours = hl.metrics.infidelity(hl.wrap(spy, input_size=(3, 16, 16)), tiny_x, e, n_perturbations=6,
+                                 noise=0.1, normalize=normalize, batch_size=1000)
+    perturbed = torch.cat(seen[1:])  # seen[0] is the clean forward of prepare; the rest image-major
+    perturbations = tiny_x.repeat_interleave(6, 0) - perturbed
+
+    def replay(inputs):
+        return perturbations, inputs - perturbations
+
+    theirs = captum_infidelity(lambda z: tiny_cnn(z).gather(1, e.targets.repeat_interleave(z.shape[0] // 4)[:, None])
+                               .squeeze(1), replay, tiny_x, e.attributions, n_perturb_samples=6,
+                               max_examples_per_batch=24, normalize=normalize)
+    torch.testing.assert_close(ours.values, theirs.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_noisy_linear_imputation_reproduces_a_linear_ramp():
+    """The ROAD imputer solves a discrete Laplace-type equation: linear images are its fixed points."""
+    yy, xx = np.mgrid[0:12, 0:12].astype(np.float64)
+    image = np.stack([0.3 * yy - 0.1 * xx + 1.0, 0.05 * xx])
+    hidden = np.zeros((12, 12), bool)
+    hidden[3:9, 2:7] = True
+    out = noisy_linear_imputation(image, hidden, 0.0, np.random.default_rng(0))
+    np.testing.assert_allclose(out, image, atol=1e-10)
+    noisy = noisy_linear_imputation(image, hidden, 0.5, np.random.default_rng(0))
+    np.testing.assert_array_equal(noisy[:, ~hidden], image[:, ~hidden])  # known pixels never move
+
+
+def test_road_morf_removal_of_true_contributions_hurts_more_than_lerf(linear_model):
+    x = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(7)) + 1.0
+    e = hl.explain(linear_model, x, "input_x_gradient")
+    morf = hl.metrics.road(linear_model, x, e, order="morf", output="logit", noise=0.0)
+    lerf = hl.metrics.road(linear_model, x, e, order="lerf", output="logit", noise=0.0)
+    assert float(morf.mean()) < float(lerf.mean())
+    assert morf.curves.shape == (3, 9)
+
+
+# --- robustness ------------------------------------------------------------------------------------------
+def test_max_sensitivity_of_saliency_on_a_linear_model_is_zero_and_of_gradient_x_input_exact(linear_model):
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(8))
+    sal = hl.explain(linear_model, x, "saliency")
+    r = hl.metrics.max_sensitivity(linear_model, x, sal, n_samples=4, radius=0.05)
+    assert float(r.values.abs().max()) < 1e-6  # gradients of a linear model never move
+    assert r.params["method"] == "saliency"  # defaults to the explanation's own method
+    seen = []
+
+    def recording_ixg(model, inputs, target, **kw):
+        seen.append(inputs.detach().clone())
+        return hl.methods.input_x_gradient(model, inputs, target, **kw)
+
+    ixg = hl.explain(linear_model, x, "input_x_gradient")
+    r = hl.metrics.max_sensitivity(linear_model, x, ixg, method=recording_ixg, n_samples=4, radius=0.05,
+                                   batch_size=2)
+    noisy = torch.cat(seen).view(4, 2, -1)  # draw-major
+    w = linear_model[1].weight[ixg.targets]  # (2, 48)
+    expected = ((w * (noisy - x.flatten(1))).norm(dim=2) / (w * x.flatten(1)).norm(dim=1)).amax(0)
+    torch.testing.assert_close(r.values, expected.double(), rtol=1e-5, atol=1e-7)
+    # every draw stays within radius * range of x
+    span = x.flatten(1).amax(1) - x.flatten(1).amin(1)
+    assert bool(((noisy - x.flatten(1)).abs().amax(2) <= 0.05 * span + 1e-6).all())
+
+
+def test_robustness_is_seeded_and_independent_of_batch_size(tiny_cnn, tiny_x):
+    e = hl.explain(tiny_cnn, tiny_x, "saliency")
+    a = hl.metrics.avg_sensitivity(tiny_cnn, tiny_x, e, n_samples=4, seed=3, batch_size=4)
+    b = hl.metrics.avg_sensitivity(tiny_cnn, tiny_x, e, n_samples=4, seed=3, batch_size=16)
+    torch.testing.assert_close(a.values, b.values)
+    c = hl.metrics.local_lipschitz(tiny_cnn, tiny_x, e, n_samples=4, seed=3)
+    assert bool((c.values > 0).all()) and c.extras["ratios"].shape == (4, 4)
+
+
+# --- evaluate, targets, compare ------------------------------------------------------------------------------
+def test_evaluate_scores_the_explained_class_not_the_prediction(tiny_cnn, tiny_x):
+    e = hl.explain(tiny_cnn, tiny_x, "saliency", target=3)
+    via_explanation = hl.evaluate(tiny_cnn, tiny_x, e, ["deletion"], granularity=4)["deletion"]
+    via_tensor = deletion(tiny_cnn, tiny_x, e.attributions, target=3, granularity=4)
+    predicted = deletion(tiny_cnn, tiny_x, e.attributions, granularity=4)
+    torch.testing.assert_close(via_explanation.values, via_tensor.values)
+    assert not torch.allclose(via_explanation.values, predicted.values)
+
+
+def test_compare_table_agrees_with_direct_metric_calls(tiny_cnn, tiny_x):
+    table = compare(tiny_cnn, tiny_x, ["saliency", "input_x_gradient"], ["deletion", "sparseness"],
+                    granularity=4)
+    assert [(r["method"], r["metric"]) for r in table.rows] == [
+        (m, k) for m in ("saliency", "input_x_gradient", "random") for k in ("deletion", "sparseness")]
+    direct = deletion(tiny_cnn, tiny_x, table.explanations["input_x_gradient"], granularity=4)
+    row = next(r for r in table.to_dicts() if r["method"] == "input_x_gradient" and r["metric"] == "deletion")
+    assert row["mean"] == pytest.approx(direct.mean()) and row["sem"] == pytest.approx(direct.sem())
+    md = table.to_markdown().splitlines()
+    assert md[0] == "| method | deletion ↓ | sparseness ↑ |" and len(md) == 5
+    assert table.to_text().splitlines()[2].startswith("saliency")
+
+
+def test_localisation_metrics_on_a_hand_made_map():
+    x = torch.zeros(1, 1, 4, 4)
+    m = torch.zeros(1, 4, 4)
+    m[0, 0, 0], m[0, 0, 1], m[0, 3, 3] = 4.0, 2.0, 1.0
+    mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+    mask[0, 0, :2] = True
+    mask[0, 1, 0] = True
+    r = {name: hl.metrics.get_metric(name)(None, x, m, mask=mask)
+         for name in ("pointing_game", "relevance_mass", "relevance_rank", "attribution_iou")}
+    assert r["pointing_game"].values.item() == 1.0
+    assert r["relevance_mass"].values.item() == pytest.approx(6 / 7)
+    assert r["relevance_rank"].values.item() == pytest.approx(2 / 3)  # top-3 = (0,0), (0,1), (3,3)
+    assert r["attribution_iou"].values.item() == pytest.approx(2 / 4)
+
+
+# --- errors ---------------------------------------------------------------------------------------------------------
+def test_errors_name_the_argument(tiny_cnn, tiny_x):
+    e = hl.explain(tiny_cnn, tiny_x, "saliency")
+    with pytest.raises(ValueError, match=r"unknown metric 'delition'\. Did you mean: 'deletion'"):
+        hl.evaluate(tiny_cnn, tiny_x, e, ["delition"])
+    with pytest.raises(ValueError, match=r"metric 'pointing_game' needs a ground-truth mask"):
+        hl.evaluate(tiny_cnn, tiny_x, e, ["pointing_game"])
+    with pytest.raises(ValueError, match=r"mask must have shape \(N,H,W\) = \(4, 16, 16\), got \(4, 8, 8\)"):
+        hl.metrics.relevance_mass(tiny_cnn, tiny_x, e, mask=torch.ones(4, 8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"explanation has 2 maps but x has 4 images"):
+        deletion(tiny_cnn, tiny_x, e.attributions[:2])
+    with pytest.raises(ValueError, match=r"mode must be one of 'insert', 'delete', got 'remove'"):
+        perturbation_curve(hl.wrap(tiny_cnn, input_size=(3, 16, 16)), tiny_x, e.maps(), e.targets, mode="remove")
+    with pytest.raises(ValueError, match=r"granularity must be an integer >= 1, got 0"):
+        deletion(tiny_cnn, tiny_x, e, granularity=0)
+    with pytest.raises(ValueError, match=r"subset_size must be at most the number of pixels 256, got 300"):
+        hl.metrics.faithfulness_correlation(tiny_cnn, tiny_x, e, subset_size=300)
+    with pytest.raises(ValueError, match=r"method is required when explanation is a tensor"):
+        hl.metrics.max_sensitivity(tiny_cnn, tiny_x, e.attributions)
+    with pytest.raises(ValueError, match=r"unknown fill 'blurr'\. Did you mean: 'blur'"):
+        deletion(tiny_cnn, tiny_x, e, fill="blurr", granularity=4)

@@ -107,7 +107,7 @@ def test_faithfulness_correlation_agrees_with_quantus_on_the_same_subsets(gray_c
 
     monkeypatch.setattr(np.random, "choice", fixed_choice)
     theirs = quantus.FaithfulnessCorrelation(nr_runs=10, subset_size=30, perturb_baseline="black", abs=False,
-                                             normalise=False, disable_warnings=True)(
+                                             normalise=False, return_aggregate=False, disable_warnings=True)(
         model=gray_cnn, x_batch=gray_x.numpy(), y_batch=e.targets.numpy(), a_batch=e.attributions.numpy(),
         softmax=False, device="cpu")
     np.testing.assert_allclose(ours.numpy(), np.asarray(theirs, float), atol=1e-4)

@@ -145,7 +145,7 @@ def test_sanity_errors_name_the_argument(tiny_cnn, tiny_x):
         hl.sanity.model_randomization(tiny_cnn, tiny_x, "saliency", mode="cascade")
     with pytest.raises(ValueError, match=r"similarity must be one of .* got 'ssmi'"):
         hl.sanity.model_randomization(tiny_cnn, tiny_x, "saliency", similarity="ssmi")
-    with pytest.raises(ValueError, match=r"unknown layer 'conv3'\. Did you mean: 'conv1', 'conv2'"):
+    with pytest.raises(ValueError, match=r"unknown layer 'conv3'\. Did you mean: 'conv2', 'conv1'"):
         hl.sanity.model_randomization(tiny_cnn, tiny_x, "saliency", layers=["conv3"])
     with pytest.raises(ValueError, match=r"shift must be a number or one value per channel \(3\), got \(2,\)"):
         hl.sanity.input_invariance(tiny_cnn, tiny_x, "saliency", shift=torch.tensor([1.0, 2.0]))

@@ -68,7 +68,10 @@ def ssim(a: Tensor, b: Tensor) -> Tensor:
     from skimage.metrics import structural_similarity
 
     a_np, b_np = a.detach().double().cpu().numpy(), b.detach().double().cpu().numpy()
-    win = min(7, *a_np.shape[1:]) // 2 * 2 + 1 if min(a_np.shape[1:]) >= 3 else 3
+    side = min(7, *a_np.shape[1:])
+    if side < 3:
+        raise ValueError(f"ssim needs maps of at least 3x3 pixels, got {a_np.shape[1:]}; use similarity='spearman'")
+    win = side if side % 2 else side - 1  # odd window no larger than the map
     return torch.tensor([structural_similarity(_unit(p), _unit(q), data_range=1.0, win_size=win)
                          for p, q in zip(a_np, b_np)], dtype=torch.float64)
 

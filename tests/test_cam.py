@@ -278,7 +278,7 @@ def test_auto_layer_on_the_tiny_cnn_is_its_last_conv_block(tiny_cnn, tiny_x):
 
 
 def test_unknown_layer_lists_close_names(tiny_cnn, tiny_x):
-    with pytest.raises(ValueError, match=r"unknown layer 'conv3'\. Did you mean: 'conv1', 'conv2'"):
+    with pytest.raises(ValueError, match=r"unknown layer 'conv3'\. Did you mean: 'conv2', 'conv1'"):
         hl.methods.gradcam(tiny_cnn, tiny_x, layer="conv3")
     with pytest.raises(ValueError, match=r"layer 'fc' outputs a tensor of shape \(4, 5\), which is not a spatial"):
         hl.methods.scorecam(tiny_cnn, tiny_x, layer="fc")
@@ -374,7 +374,7 @@ def test_keras_file_loaded_by_load_model(tmp_path):
     e = hl.methods.gradcam(clf, x, [1, 2])
     reference = hl.methods.gradcam(hl.wrap(model), x, [1, 2])
     assert e.params["layer"] == "c2" and torch.allclose(e.attributions, reference.attributions, atol=1e-5)
-    with pytest.raises(ValueError, match=r"unknown layer 'c3'\. Did you mean: 'c1', 'c2'"):
+    with pytest.raises(ValueError, match=r"unknown layer 'c3'\. Did you mean: 'fc', 'c2', 'c1'"):
         hl.methods.gradcam(clf, x, layer="c3")
 
 

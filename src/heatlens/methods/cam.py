@@ -16,6 +16,7 @@ read as such.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,8 @@ __all__ = [
 ]
 
 LayerLike = str | nn.Module | None
+# The automatic layer found per model (weakly keyed: forgotten with the model).
+_auto_layers: weakref.WeakKeyDictionary[nn.Module, Site] = weakref.WeakKeyDictionary()
 # Leading tokens that are not patches, in order of preference: class token (ViT), none, class + distillation (DeiT).
 _TOKEN_SKIPS = (1, 0, 2)
 
@@ -70,8 +73,10 @@ class Layout:
         return out[:, self.skip:].transpose(1, 2).reshape(out.shape[0], -1, *self.grid)
 
     def zero_channel(self, out: Tensor, channels: Tensor) -> Tensor:
-        """A copy of ``out`` with channel ``channels[b]`` of row b zeroed (patch tokens only for tokens)."""
-        out, rows = out.clone(), torch.arange(out.shape[0], device=out.device)
+        """A copy of ``out`` with channel ``channels[b]`` of row b zeroed (patch tokens only for tokens);
+        rows with a negative entry are left whole."""
+        rows = (channels >= 0).nonzero()[:, 0]
+        out, channels = out.clone(), channels[rows]
         if self.kind == "nchw":
             out[rows, channels] = 0
         elif self.kind == "nhwc":
@@ -168,9 +173,20 @@ def resolve_site(p: Prepared, layer: LayerLike) -> Site:
     if p.model.net is None:
         raise TypeError("CAM methods hook a layer, but model is a black-box predict function; wrap the nn.Module instead")
     if layer is None:
-        return find_layer(p.model, p.x, p.targets)
+        # one trace per model: repeated calls (smoothing, sanity checks) reuse it while the layer is still there
+        cached = _auto_layers.get(p.model)
+        if cached is None or _layer_or_none(p.model, cached.name) is not cached.module:
+            cached = _auto_layers[p.model] = find_layer(p.model, p.x, p.targets)
+        return cached
     name, module = resolve_layer(p.model, layer)
     return Site(_public(name), module)
+
+
+def _layer_or_none(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return resolve_layer(model, name)[1]
+    except ValueError:
+        return None
 
 
 def _picked(outputs: list[Tensor], site: Site) -> Tensor:
@@ -193,6 +209,7 @@ class CamContext:
     output: str
     batch_size: int | None
     layout: Layout | None = None
+    native: Tensor | None = None  # the layer's raw outputs (N,...) from the activation pass
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -227,10 +244,11 @@ def _activations(ctx: CamContext) -> Tensor:
         ctx.layout = layout_of(out, p.model, site.name)
         if site.call is None:
             ctx.site = Site(site.name, site.module, len(seen.outputs) - 1)
-        return ctx.layout.to_map(out).clone()
+        return ctx.layout.to_map(out).clone(), out.clone()
 
-    return map_batches(step, p.x.shape[0], batch_size=ctx.batch_size, grad=False, model=p.model,
-                       item_shape=p.model.input_size, desc=site.name)
+    maps, ctx.native = map_batches(step, p.x.shape[0], batch_size=ctx.batch_size, grad=False, model=p.model,
+                                   item_shape=p.model.input_size, desc=site.name)
+    return maps
 
 
 def cam_method(name: str, combine: Combine, *, gradients: bool = True, output: str = "logit",
@@ -329,9 +347,9 @@ def _scorecam(acts: Tensor, _grads: None, ctx: CamContext) -> Tensor:
 
 def _ablationcam(acts: Tensor, _grads: None, ctx: CamContext) -> Tensor:
     """Desai & Ramaswamy: weight = relative drop of the score when the channel is zeroed, (y - y_k) / y."""
-    clean = ctx.p.logits.softmax(1) if ctx.output == "probability" else ctx.p.logits
-    base = clean.gather(1, ctx.p.targets[:, None]).float()  # (N,1)
-    weights = _safe_div(base - _ablated_scores(ctx, acts.shape[1]), base.expand(-1, acts.shape[1]))
+    scores = _ablated_scores(ctx, acts.shape[1])
+    base = scores[:, -1:]  # (N,1): the score with nothing zeroed, computed the same way as the others
+    weights = _safe_div(base - scores[:, :-1], base.expand(-1, acts.shape[1]))
     ctx.extras["channel_weights"] = weights
     return (weights[..., None, None] * acts).sum(1, keepdim=True)
 
@@ -357,23 +375,29 @@ def _masked_scores(ctx: CamContext, acts: Tensor) -> Tensor:
 
 
 def _ablated_scores(ctx: CamContext, k: int) -> Tensor:
-    """Scores (N,K) with channel k of the layer zeroed, one (image, channel) pair per engine item."""
-    p, site, lay = ctx.p, ctx.site, ctx.layout
-    assert lay is not None and site.call is not None  # set by _activations
+    """Scores (N,K+1): column c with channel c of the layer zeroed, the last column with nothing zeroed.
+
+    One (image, column) pair per engine item. The layer's output is replaced by the activations of
+    the activation pass (edited), so every column sees the very same upstream numbers and the small
+    differences y - y_k do not drown in batch-size-dependent rounding.
+    """
+    p, site, lay, native = ctx.p, ctx.site, ctx.layout, ctx.native
+    assert lay is not None and site.call is not None and native is not None  # set by _activations
 
     def step(start: int, stop: int) -> Tensor:
         idx = torch.arange(start, stop, device=p.x.device)
-        img, channels = idx // k, idx % k
+        img, channels = idx // (k + 1), idx % (k + 1)
+        channels = torch.where(channels == k, -1, channels)
 
         def ablate(call: int, out: Tensor) -> Tensor:
-            return lay.zero_channel(out, channels) if call == site.call else out
+            return lay.zero_channel(native[img], channels) if call == site.call else out
 
         with tap(site.module, root=p.model, edit=ablate):
             return p.model.score(p.x[img], p.targets[img], ctx.output).float()
 
-    scores = map_batches(step, p.x.shape[0] * k, batch_size=ctx.batch_size, grad=False, model=p.model,
+    scores = map_batches(step, p.x.shape[0] * (k + 1), batch_size=ctx.batch_size, grad=False, model=p.model,
                          item_shape=p.model.input_size, desc=site.name)
-    return scores.view(-1, k)
+    return scores.view(-1, k + 1)
 
 
 gradcam = cam_method("gradcam", _gradcam,

@@ -97,7 +97,9 @@ def main() -> dict:
     def run_forward():  # the same number of forward passes on the clean image: the floor for both
         from heatlens.batching import map_batches
         xb = x.contiguous(memory_format=torch.channels_last)
-        return map_batches(lambda a, b: model(xb.expand(b - a, -1, -1, -1)), n, model=model, item_shape=model.input_size)
+        # a real (copied) channels-last batch, as both explainers feed: an expanded view takes slow paths
+        return map_batches(lambda a, b: model(xb.expand(b - a, -1, -1, -1).contiguous(memory_format=torch.channels_last)),
+                           n, model=model, item_shape=model.input_size)
 
     run_lime.__name__, run_heatlens.__name__ = "lime", "heatlens"
     run_heatlens(), run_forward()  # warm-up (allocator, thread pools)

@@ -432,7 +432,7 @@ def guided_gradcam(
         raise ValueError("guided_gradcam needs the 'guided_backprop' method (heatlens.methods.propagation), "
                          "which is not registered")
     cam = gradcam(model, x, target, layer=layer, output=output, batch_size=batch_size)
-    guided = get_method("guided_backprop")(model, x, cam.targets, batch_size=batch_size)
+    guided = get_method("guided_backprop")(model, x, cam.targets, output=output, batch_size=batch_size)
     up = F.interpolate(cam.attributions, size=x.shape[-2:], mode="bilinear", align_corners=False)
     p = Prepared(model=model, x=cam.inputs, targets=cam.targets, logits=cam.outputs)
     return explanation(p, guided.attributions * up, "guided_gradcam", {**cam.params, "output": output},

@@ -53,10 +53,11 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (./dev test installs it on Debian)")
-def test_report_opens_in_headless_chromium_with_all_images_loaded(tmp_path):
-    report = _small_report(tmp_path)
+def _open_in_chromium(report: Path, tmp_path: Path, screenshot: str) -> tuple[dict, list[str]]:
+    """Load ``report`` in headless Chromium -> ({n: images, ok: images decoded}, console error lines).
+
+    Also saves a screenshot to test-artifacts/<screenshot> for a person to look at.
+    """
     probe = tmp_path / "probe.html"
     # same page plus a script that reports, after load, how many images decoded
     script = ("<script>window.addEventListener('load',()=>{const imgs=[...document.images];"
@@ -70,11 +71,61 @@ def test_report_opens_in_headless_chromium_with_all_images_loaded(tmp_path):
     title = re.search(r"<title>(.*?)</title>", run.stdout, re.S)
     assert title, run.stderr[-2000:]
     status = json.loads(title.group(1).replace("&quot;", '"'))
-    assert status["n"] == 6 and status["ok"] == 6
     console_errors = [line for line in run.stderr.splitlines() if "CONSOLE" in line and "probe.html" in line]
-    assert console_errors == []
     ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "report.png"
+    shot = ARTIFACTS / screenshot
     subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}2", "--window-size=1280,1600",
                     f"--screenshot={shot}", report.as_uri()], capture_output=True, timeout=120)
     assert shot.exists() and shot.stat().st_size > 10_000
+    return status, console_errors
+
+
+needs_chromium = pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (./dev test installs it on Debian)")
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_report_opens_in_headless_chromium_with_all_images_loaded(tmp_path):
+    status, console_errors = _open_in_chromium(_small_report(tmp_path), tmp_path, "report.png")
+    assert status["n"] == 6 and status["ok"] == 6
+    assert console_errors == []
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """``heatlens demo --shortcut marker`` with 3 epochs -> (exit code, stdout, output folder)."""
+    import contextlib
+    import io
+
+    from heatlens.cli import main
+
+    out = tmp_path_factory.mktemp("demo")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["demo", "--shortcut", "marker", "--epochs", "3", "--out", str(out), "--no-progress"])
+    return code, printed.getvalue(), out
+
+
+@pytest.mark.slow
+def test_demo_shows_the_gap_and_its_report_states_the_planted_shortcut(demo_run):
+    import html as html_lib
+
+    code, printed, out = demo_run
+    assert code == 0
+    finding = json.loads((out / "finding.json").read_text())
+    training = finding["training"]
+    assert training["train_acc"] > 0.9 and training["test_acc"] < training["train_acc"] - 0.5
+    assert finding["detected"] and finding["shortcut"] == "marker"
+    assert finding["finding"].startswith("The model relies on the marker shortcut")
+    page = (out / "report.html").read_text()
+    assert html_lib.escape(finding["finding"]) in page
+    assert f"finding: {finding['finding']}" in printed and f"report: {out / 'report.html'}" in printed
+    assert not list(out.glob("*.part"))
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_demo_report_opens_in_headless_chromium_with_all_images_loaded(demo_run, tmp_path):
+    status, console_errors = _open_in_chromium(demo_run[2] / "report.html", tmp_path, "demo-report.png")
+    assert status["n"] >= 20 and status["ok"] == status["n"]
+    assert console_errors == []

@@ -115,8 +115,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
     rows = describe()
     width = max(len(n) for n, _, _ in rows)
+    family_width = max(len(f) for _, f, _ in rows)
     for name, family, text in rows:
-        print(f"{name.ljust(width)}  {family:<13} {text}")
+        print(f"{name.ljust(width)}  {family.ljust(family_width)}  {text}")
     return EXIT_OK
 
 

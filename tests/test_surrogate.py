@@ -12,7 +12,9 @@ from conftest import make_tiny_cnn
 
 import heatlens as hl
 from heatlens.methods.segmentation import segment
-from heatlens.methods.surrogate import image_and_mask, kernel_shap, lime, segment_means
+from heatlens.methods.surrogate import (
+    image_and_mask, kernel_shap, lime, paired_masks, ranking_check, segment_means, weighted_ridge,
+)
 
 SIZE = 32
 
@@ -256,3 +258,134 @@ def test_bad_arguments_name_themselves(net, x, segs):
     e = lime(net, x, 0, segments=segs, num_samples=20, seed=0)
     with pytest.raises(ValueError, match="label 3 was not explained"):
         image_and_mask(e, 0, label=3)
+
+
+# --- lime(num_samples="auto"): antithetic rounds that stop when the top segments settle ---------------
+
+TOP5 = [3, 9, 12, 0, 6]  # segment ids of the five largest weights, in order
+
+
+def _segment_game(size: int = SIZE, cell: int = 8):
+    """A model linear in the segment coalition: on an all-ones image with hidden segments at 0, the
+    class-0 logit is sum_j a_j z_j + b exactly (z_j = 1 when grid cell j is shown), class 1's is 0.
+
+    Returns (model, x, grid segments, a (S,)). The top five a are clear of the rest.
+    """
+    x = torch.ones(1, 3, size, size)
+    grid = segment(x, "grid", cell_size=cell)
+    s = int(grid.max()) + 1
+    a = torch.linspace(-0.4, 0.4, s)[torch.randperm(s, generator=torch.Generator().manual_seed(0))]
+    a[TOP5] = torch.tensor([2.0, 1.6, 1.3, 1.0, 0.8])
+    counts = torch.bincount(grid.flatten(), minlength=s).float()
+    linear = torch.nn.Linear(3 * size * size, 2)
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.weight[0] = (a / (3 * counts))[grid[0]].flatten().repeat(3)  # channel-major like Flatten
+        linear.bias.copy_(torch.tensor([-float(a.sum()) / 2, 0.0]))  # p(class 0) near 1/2 at half the cells
+    return torch.nn.Sequential(torch.nn.Flatten(), linear).eval(), x, grid, a
+
+
+def test_lime_auto_stops_early_with_the_true_top_segments():
+    """Scores linear in the coalition: the top-5 is clear, so the rounds stop at the second check."""
+    model, x, grid, a = _segment_game()
+    e = lime(model, x, 0, segments=grid, num_samples="auto", hide_color="zeros", output="logit", seed=0)
+    assert e.extras["stop_reason"][0] in ("separated", "agreement")
+    # the image itself + a first round of 4(S+1) = 68 samples, then `patience` = 2 checks 32 samples apart
+    assert int(e.extras["n_samples"][0]) == 1 + 68 + 32
+    assert e.extras["top_segments"][0].tolist() == TOP5
+    assert float(e.extras["agreement"][0]) > 4.5 and float(e.extras["ceiling"][0]) > 4.5
+    # the weights are the slopes a up to the ridge's shrinkage
+    assert torch.nn.functional.cosine_similarity(e.extras["weights"][0].double(), a.double(), 0) > 0.99
+
+
+def test_lime_auto_converges_to_the_full_sample_answer():
+    """Probabilities (a sigmoid of the linear game: curvature and interactions): the early answer has the
+    top-5 of an 8,000-sample fit; run on to max_samples, the weights approach that fit like plain lime's."""
+    model, x, grid, _ = _segment_game()
+    kw = {"segments": grid, "hide_color": "zeros", "output": "probability"}
+    reference = lime(model, x, 0, num_samples=8000, seed=1, **kw).extras["weights"][0]
+    auto = lime(model, x, 0, num_samples="auto", seed=2, **kw)
+    plain = lime(model, x, 0, num_samples=500, seed=2, **kw)
+    assert int(auto.extras["n_samples"][0]) < 200
+    assert set(auto.extras["top_segments"][0].tolist()) == set(TOP5) == set(plain.extras["top_segments"][0].tolist())
+    full = lime(model, x, 0, num_samples="auto", seed=2, patience=10**6, max_samples=500, **kw)  # runs to the end
+    assert full.extras["stop_reason"] == ("max_samples",) and int(full.extras["n_samples"][0]) == 499
+    errors = [float((e.extras["weights"][0] - reference).abs().max()) for e in (auto, full, plain)]
+    # more samples, closer; here the response is mostly odd (a sigmoid around 1/2), which pairing does
+    # not cancel, so paired sampling is no better than plain at the same count (ranking_check's ratio > 1)
+    assert errors[1] < errors[0] / 1.4 and errors[1] < 0.1 * float(reference.abs().max())
+    assert errors[1] < 3 * errors[2] and float(full.extras["precision_ratio"][0]) > 1
+
+
+def test_lime_auto_is_deterministic_under_a_seed(net, x, segs):
+    a = lime(net, x, 0, segments=segs, num_samples="auto", seed=4)
+    b = lime(net, x, 0, segments=segs, num_samples="auto", seed=4)
+    c = lime(net, x, 0, segments=segs, num_samples="auto", seed=5)
+    assert torch.equal(a.attributions, b.attributions) and a.extras["stop_reason"] == b.extras["stop_reason"]
+    assert torch.equal(a.extras["n_samples"], b.extras["n_samples"])
+    assert not torch.equal(a.attributions, c.attributions)
+    assert a.params["num_samples"] == "auto" and a.params["max_samples"] == 1000 and a.params["tolerance"] == 0.5
+    plain = lime(net, x, 0, segments=segs, num_samples=120, seed=4)
+    assert plain.extras["n_samples"].tolist() == [120] and "stop_reason" not in plain.extras
+
+
+def test_paired_masks_are_lime_draws_with_their_complements():
+    rows = paired_masks(9, 2000, torch.Generator().manual_seed(0))
+    assert torch.equal(rows[1::2], ~rows[0::2])
+    # every row alone is lime's draw: each segment on with probability 1/2, independently
+    first = rows[0::2].double()
+    assert float((first.mean(0) - 0.5).abs().max()) < 0.04
+    assert float((torch.corrcoef(first.T) - torch.eye(9)).abs().max()) < 0.08
+
+
+def test_ranking_check_standard_errors_are_calibrated():
+    """Over 200 independent runs, the cluster-robust standard error of the weakest contrast matches its
+    actual spread, and the reported variance ratio matches paired vs plain sampling.
+
+    The game (±1 coding) is linear plus an even pairwise term (which pairing cancels) and an odd
+    three-way term (which it does not), so pairing's variance ratio is 2 o² / (e² + o²) = 0.2.
+    """
+    s, m, k = 8, 161, 3
+    a = torch.tensor([1.5, 1.2, 1.0, 0.4, 0.3, 0.0, -0.3, -0.6], dtype=torch.float64)
+
+    def game(z: torch.Tensor) -> torch.Tensor:
+        sg = 2 * z - 1
+        return 0.1 * sg @ a + 0.15 * sg[:, 6] * sg[:, 7] + 0.05 * sg[:, 0] * sg[:, 1] * sg[:, 2]
+
+    def run(seed: int, paired: bool) -> tuple[float, float, float, bool]:
+        gen = torch.Generator().manual_seed(seed)
+        draws = paired_masks(s, m // 2, gen) if paired else torch.randint(0, 2, (m - 1, s), generator=gen).bool()
+        z = torch.cat([torch.ones(1, s, dtype=torch.bool), draws]).double()
+        clusters = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.arange(m - 1) // (2 if paired else 1)])
+        w = torch.ones(m, dtype=torch.float64)
+        top, zval, ratio, _, _ = ranking_check(z, game(z), w, clusters, 1.0, k, True)
+        ridge, _ = weighted_ridge(z, game(z)[:, None], w, 1.0)
+        gap = float(ridge[2, 0] - ridge[3, 0])  # the weakest contrast: third member vs best outsider
+        return gap, gap / zval, ratio, top == [0, 1, 2]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 8x8 algebra: a thread pool only adds overhead
+    try:
+        paired = np.array([run(i, True) for i in range(200)])
+        plain = np.array([run(1000 + i, False) for i in range(200)])
+    finally:
+        torch.set_num_threads(threads)
+    assert paired[:, 3].mean() > 0.95  # the top-3 is found, so the weakest contrast is the 3-vs-4 gap
+    assert 0.85 < paired[:, 1].mean() / paired[:, 0].std() < 1.15
+    empirical_ratio = paired[:, 0].var() / plain[:, 0].var()
+    assert 0.15 < empirical_ratio < 0.3  # pairing cancels the even term's noise, not the odd one's
+    assert 0.75 < paired[:, 2].mean() / empirical_ratio < 1.3
+    assert abs(plain[:, 2].mean() - 1) < 1e-9  # one row per cluster: the two estimates coincide
+
+
+def test_lime_auto_bad_arguments(net, x, segs):
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 2 or 'auto', got 'many'"):
+        lime(net, x, segments=segs, num_samples="many")
+    with pytest.raises(ValueError, match="masks cannot be combined with num_samples='auto'"):
+        lime(net, x, segments=segs, num_samples="auto", masks=np.ones((10, 12)))
+    with pytest.raises(ValueError, match="max_samples must be an integer >= 3, got 2"):
+        lime(net, x, segments=segs, num_samples="auto", max_samples=2)
+    with pytest.raises(ValueError, match="z_stop must be a positive number, got -1"):
+        lime(net, x, segments=segs, num_samples="auto", z_stop=-1)
+    with pytest.raises(ValueError, match="tolerance must be a positive number, got nan"):
+        lime(net, x, segments=segs, num_samples="auto", tolerance=float("nan"))

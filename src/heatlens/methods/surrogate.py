@@ -6,12 +6,18 @@ the scores. The perturbed images are built vectorised per engine batch,
 perturbed image, one column per segment), so there is no per-sample Python loop and no mask
 stack in memory; the regressions are solved in closed form (float64).
 Attributions are (N,1,H,W): every pixel carries its segment's weight.
+
+``lime(num_samples="auto")`` needs fewer model calls for the answer lime gives at ``max_samples``:
+it draws masks in rounds of antithetic pairs (each mask and its complement, the same distribution
+as lime's), refits the ridge after every round and stops once the top segments are separated from
+the rest, or predict lime's top segments at ``max_samples`` about as well as lime predicts itself
+(cluster-robust standard errors, one cluster per pair, and a parametric bootstrap).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -28,10 +34,13 @@ from .gradient import explanation
 from .registry import register
 from .segmentation import SEGMENTATIONS, check_segments, segment
 
-__all__ = ["lime", "kernel_shap", "image_and_mask", "segment_means"]
+__all__ = ["lime", "kernel_shap", "image_and_mask", "segment_means", "paired_masks", "ranking_check"]
 
 SegmentsLike = Any  # None | method name | (N,H,W) / (H,W) integer tensor or array
 EXACT_MAX_SEGMENTS = 12  # kernel_shap enumerates all 2^S coalitions up to here (4,096 evaluations)
+# num_samples="auto": samples added per round (16 antithetic pairs: two CPU engine batches of 16)
+ADAPTIVE_ROUND = 32
+STOP_REASONS = ("separated", "agreement", "max_samples")
 
 
 # --- shared machinery -------------------------------------------------------------------------
@@ -180,15 +189,195 @@ def _lime_rows(masks: Any, n_seg: list[int], num_samples: int, gen: torch.Genera
     return [row.bool() for row in m]
 
 
+def lime_kernel(z: Tensor, s: int, kernel_width: float) -> Tensor:
+    """lime's sample weights (M,) for coalitions z (M,S) float64 over s segments.
+
+    ``sqrt(exp(-d^2 / width^2))`` with d the cosine distance between the coalition and the all-on row.
+    """
+    distance = 1 - (z.sum(1) / s).sqrt()
+    return torch.exp(-(distance**2) / kernel_width**2).sqrt()
+
+
+def paired_masks(s: int, pairs: int, gen: torch.Generator) -> Tensor:
+    """(2*pairs, S) bool coalitions: a uniform random mask, then its complement, ``pairs`` times.
+
+    Each row on its own is a draw of lime's distribution (every segment on with probability 1/2),
+    so the fitted surrogate targets the same answer; within a pair the even part of the model's
+    response (its constant and pairwise interactions) cancels from the slopes (antithetic sampling).
+    """
+    half = torch.randint(0, 2, (pairs, s), generator=gen).bool()
+    return torch.stack([half, ~half], 1).reshape(2 * pairs, s)
+
+
+class Settledness(NamedTuple):
+    """``ranking_check``'s verdict on one image's top-k after M samples (see there)."""
+
+    top: list[int]
+    separation: float
+    ratio: float
+    agreement: float
+    ceiling: float
+
+
+def ranking_check(z: Tensor, y: Tensor, w: Tensor, clusters: Tensor, alpha: float, k: int,
+                  positive_only: bool, *, reference_samples: int | None = None,
+                  gen: torch.Generator | None = None, draws: int = 256) -> Settledness:
+    """How settled the top-k segments of lime's weighted ridge are after M samples.
+
+    z: (M,S) float64 coalitions, y: (M,) scores, w: (M,) kernel weights, clusters: (M,) long, equal
+    for the rows of one antithetic pair. The top-k are ``top_segments``' choice: the k largest
+    positive weights (positive_only) or the k largest |weights|. Standard errors are sandwich
+    estimates over clusters (pairs) with the small-sample factor G / (G - S - 1).
+
+    separation: every decision behind the top-k is a contrast of two weights (a member beats an
+    outsider; with positive_only also a weight against 0); the weakest one in standard errors.
+    ratio: the contrasts' summed variance under pairing over that of M independent rows (the
+    variance reduction of pairing; 1 when every row is its own cluster).
+    agreement / ceiling (with ``reference_samples`` R, else nan): a parametric bootstrap around the
+    fitted weights of the expected top-k overlap between this estimate and plain lime's at R samples
+    (covariance: the rows' sandwich scaled by M / R), and of two plain lime runs at R with each other.
+    ``agreement >= ceiling`` means this answer predicts lime's as well as lime predicts itself.
+    Needs more clusters than S + 1; else separation 0, ratio inf, agreement 0.
+    """
+    s = z.shape[1]
+    sw = w.sum()
+    zc, yc = z - (w @ z) / sw, y - (w @ y) / sw
+    inverse = torch.linalg.inv(zc.T @ (w[:, None] * zc) + alpha * torch.eye(s, dtype=z.dtype))
+    beta = inverse @ (zc.T @ (w * yc))
+    rows = (w * (yc - zc @ beta))[:, None] * zc  # (M,S) each row's contribution to the estimating equation
+    pairs = rows.new_zeros(int(clusters.max()) + 1, s).index_add_(0, clusters, rows)
+    top = _top_segments(beta[None], [s], k, positive_only)[0]
+    top = top[top >= 0].tolist()
+    contrasts = _contrasts(beta, torch.tensor(top, dtype=torch.long), k, positive_only)  # (P,S)
+    if contrasts.shape[0] == 0:  # nothing to decide (k >= S, signs free): certain at once
+        return Settledness(top, math.inf, math.inf, float(len(top)), float(len(top)))
+    if pairs.shape[0] <= s + 1:
+        return Settledness(top, 0.0, math.inf, 0.0, math.nan)
+    half_pairs = inverse @ pairs.T * _dof(pairs.shape[0], s + 1) ** 0.5  # (S,G): v_pairs = half @ half.T
+    half_rows = inverse @ rows.T * _dof(rows.shape[0], s + 1) ** 0.5
+    var_pairs = ((contrasts @ half_pairs) ** 2).sum(1)
+    var_rows = ((contrasts @ half_rows) ** 2).sum(1)
+    separation = float(((contrasts @ beta) / var_pairs.clamp_min(1e-300).sqrt()).min())
+    # pooled over all contrasts: one contrast's ratio is too noisy to act on
+    ratio = float(var_pairs.sum() / var_rows.sum().clamp_min(1e-300))
+    agreement = ceiling = math.nan
+    if reference_samples is not None:
+        ref = half_rows * (z.shape[0] / reference_samples) ** 0.5
+        noise = [h @ torch.randn(h.shape[1], draws, generator=gen, dtype=h.dtype) for h in (half_pairs, ref, ref)]
+        ours, lime_a, lime_b = (_members(beta[:, None] + e, k, positive_only) for e in noise)  # (S,D) each
+        agreement = float((ours & lime_a).sum(0).double().mean())
+        ceiling = float((lime_a & lime_b).sum(0).double().mean())
+    return Settledness(top, separation, ratio, agreement, ceiling)
+
+
+def _members(weights: Tensor, k: int, positive_only: bool) -> Tensor:
+    """(S,D) bool: segment in the top-k of each column of weights (S,D), as ``_top_segments`` picks."""
+    score = weights if positive_only else weights.abs()
+    kth = score.topk(min(k, score.shape[0]), dim=0).values[-1:]
+    chosen = score >= kth
+    return chosen & (weights > 0) if positive_only else chosen
+
+
+def _dof(clusters: int, fitted: int) -> float:
+    return clusters / (clusters - fitted)
+
+
+def _contrasts(beta: Tensor, top: Tensor, k: int, positive_only: bool) -> Tensor:
+    """(P,S) contrast vectors c with c @ beta > 0 for every comparison that keeps ``top`` the top-k."""
+    s = beta.shape[0]
+    inside = torch.zeros(s, dtype=torch.bool)
+    inside[top] = True
+    sign = torch.ones(s, dtype=beta.dtype) if positive_only else torch.where(beta < 0, -1.0, 1.0).to(beta.dtype)
+    eye = torch.diag(sign)
+    members, outsiders = eye[inside], eye[~inside]
+    parts = [(members[:, None, :] - outsiders[None, :, :]).reshape(-1, s)]  # member beats outsider
+    if positive_only:
+        parts.append(members)  # a member's weight stays positive
+        if len(top) < k:
+            parts.append(-outsiders)  # with fewer than k positive weights, outsiders stay <= 0
+    return torch.cat(parts)
+
+
+def _adaptive_samples(
+    p: Prepared, segs: Tensor, hidden: Tensor, columns: Tensor, n_seg: list[int], output: str,
+    batch_size: int | None, gen: torch.Generator, *, kernel_width: float, alpha: float, num_features: int,
+    positive_only: bool, max_samples: int, tolerance: float, patience: int, z_stop: float,
+) -> tuple[list[Tensor], list[Tensor], dict[str, Any]]:
+    """lime samples in rounds of antithetic pairs until each image's top segments settle.
+
+    Returns per image the coalitions (M_i,S_i) bool (row 0 the image itself, as lime's), their
+    scores (M_i,L) float64, and extras: ``n_samples`` (N,), ``stop_reason`` (one of STOP_REASONS per
+    image) and ``ranking_check``'s last ``separation``, ``precision_ratio``, ``agreement``, ``ceiling`` (N,).
+    """
+    n = len(n_seg)
+    # one generator per image: an image's masks do not depend on when the others stop
+    gens = [make_generator(int(v)) for v in torch.randint(0, 2**62, (n,), generator=gen)]
+    clean = (p.logits.softmax(1) if output == "probability" else p.logits).gather(1, columns.to(p.logits.device))
+    rows = [[torch.ones(1, s, dtype=torch.bool)] for s in n_seg]  # the image itself: its score is known
+    scores = [[clean[i : i + 1].double().cpu()] for i in range(n)]
+    checks: list[list[Settledness]] = [[] for _ in range(n)]
+    reasons = [""] * n
+    active = list(range(n))
+    while active:  # rounds, not batches: each round's perturbations go through the batching engine
+        new = [paired_masks(n_seg[i], _round_pairs(sum(len(r) for r in rows[i]), n_seg[i], max_samples), gens[i])
+               for i in active]
+        owner = torch.tensor(active).repeat_interleave(torch.tensor([len(r) for r in new]))
+        y = evaluate_coalitions(p, segs, hidden, torch.cat([_pad_columns(r, max(n_seg)) for r in new]), owner,
+                                columns, output, batch_size, "lime").cpu()
+        for i, r, part in zip(active, new, torch.split(y, [len(r) for r in new])):
+            rows[i].append(r)
+            scores[i].append(part)
+            z = torch.cat(rows[i]).double()
+            clusters = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.arange(z.shape[0] - 1) // 2])
+            checks[i].append(ranking_check(
+                z, torch.cat(scores[i])[:, 0], lime_kernel(z, n_seg[i], kernel_width), clusters, alpha,
+                num_features, positive_only, reference_samples=max_samples, gen=gens[i]))
+            reasons[i] = _stop_reason(checks[i], z.shape[0], max_samples, tolerance, patience, z_stop)
+        active = [i for i in active if not reasons[i]]
+    rows_out = [torch.cat(r) for r in rows]
+    last = [c[-1] for c in checks]
+    info = {"n_samples": torch.tensor([len(r) for r in rows_out]), "stop_reason": tuple(reasons)}
+    for key, field in (("separation", "separation"), ("precision_ratio", "ratio"), ("agreement", "agreement"),
+                       ("ceiling", "ceiling")):
+        info[key] = torch.tensor([getattr(c, field) for c in last], dtype=torch.float32)
+    return rows_out, [torch.cat(v) for v in scores], info
+
+
+def _round_pairs(m: int, s: int, max_samples: int) -> int:
+    """Pairs to add to an image with m samples: a first round of more pairs than fitted values
+    (S + 1, so that the sandwich estimates exist), then ADAPTIVE_ROUND samples, never past max_samples."""
+    want = max(2 * ADAPTIVE_ROUND, 4 * (s + 1)) if m == 1 else ADAPTIVE_ROUND
+    return max(1, min(want, max_samples - m) // 2)
+
+
+def _stop_reason(checks: list[Settledness], m: int, max_samples: int, tolerance: float, patience: int,
+                 z_stop: float) -> str:
+    """'' to go on, else why to stop (STOP_REASONS), judged on the last ``patience`` checks:
+    the same top-k every time, ``z_stop`` standard errors clear of the rest ("separated"); or the
+    expected overlap with lime's top-k at max_samples within ``tolerance`` of lime's with itself
+    ("agreement")."""
+    if m + 1 >= max_samples:  # pairs come two at a time: one more sample cannot be drawn
+        return "max_samples"
+    if len(checks) < patience:
+        return ""
+    recent = checks[-patience:]
+    if all(c.top == recent[-1].top and c.separation >= z_stop for c in recent):
+        return "separated"
+    if all(c.agreement >= c.ceiling - tolerance for c in recent):
+        return "agreement"
+    return ""
+
+
 @register("lime", family="surrogate", needs_grad=False, stochastic=True,
           per_sample=("segments", "hide_color", "masks"),
           description="Local linear surrogate over superpixels (Ribeiro et al., 2016)")
 def lime(
     model: Classifier, x: Tensor, target: TargetLike = "predicted", *,
-    segments: SegmentsLike = None, num_samples: int = 1000, num_features: int = 5,
+    segments: SegmentsLike = None, num_samples: int | str = 1000, num_features: int = 5,
     hide_color: BaselineLike | None = None, positive_only: bool = True, kernel_width: float = 0.25,
     regressor: str = "ridge", alpha: float = 1.0, feature_selection: str = "none",
     labels: Any = None, masks: Any = None, output: str = "probability",
+    max_samples: int = 1000, tolerance: float = 0.5, patience: int = 2, z_stop: float = 3.0,
     batch_size: int | None = None, seed: int | torch.Generator | None = None,
 ) -> Explanation:
     """LIME for images (Ribeiro et al., 2016), as ``lime.lime_image.LimeImageExplainer``.
@@ -196,6 +385,14 @@ def lime(
     segments: None (lime's quickshift), a name from ``segmentation.SEGMENTATIONS`` or (N,H,W) labels.
     num_samples: perturbed images per image; row 0 is the image itself, the rest keep each segment
     with probability 1/2 (or pass ``masks`` (num_samples,S) / (N,num_samples,S) to fix them).
+    ``"auto"``: the same distribution drawn as antithetic pairs (a mask and its complement) in rounds
+    of 32 after a first round of 4(S+1), refitting after each round (``ranking_check``), until at
+    ``patience`` consecutive checks either the top ``num_features`` segments (as ``top_segments``
+    picks them) stayed the same and ``z_stop`` standard errors clear of the rest ("separated"), or
+    their expected overlap with plain lime's top segments at ``max_samples`` is within
+    ``tolerance`` segments of lime's overlap with itself ("agreement"); at the latest at
+    ``max_samples`` ("max_samples"). The rule watches the ridge fit with ``alpha`` (1 for lasso) and
+    the target's score only (not ``labels``).
     hide_color: what a switched-off segment shows: None = its mean colour (lime's default), else any
     baseline in model space ("black" = lime's ``hide_color=0`` on pixels, "zeros", "blur", a float...).
     kernel_width: sample weight ``sqrt(exp(-d^2 / width^2))``, d the cosine distance to the image.
@@ -208,9 +405,23 @@ def lime(
     attributions (N,1,H,W) = each pixel's segment weight. extras: ``weights`` (N,S) (zero-padded to
     the largest S), ``intercept``, ``r2`` (weighted R² of the local model, lime's ``score``),
     ``local_pred`` (N,), ``segments`` (N,H,W), ``n_segments`` (N,), ``top_segments`` (N,num_features)
-    (-1 padded), and for ``labels``: ``labels`` (L,), ``label_weights`` (N,L,S), ``label_intercept``, ``label_r2`` (N,L).
+    (-1 padded), ``n_samples`` (N,) model evaluations used per image, and for ``labels``: ``labels``
+    (L,), ``label_weights`` (N,L,S), ``label_intercept``, ``label_r2`` (N,L). With ``"auto"`` also
+    ``stop_reason`` (a str per image) and the last check's ``separation``, ``precision_ratio``,
+    ``agreement`` and ``ceiling`` (N,) (``ranking_check``).
     """
-    check_positive_int(num_samples, "num_samples", minimum=2)
+    adaptive = isinstance(num_samples, str)
+    if adaptive:
+        if num_samples != "auto":
+            raise ValueError(f"num_samples must be an integer >= 2 or 'auto', got {num_samples!r}")
+        check_positive_int(max_samples, "max_samples", minimum=3)
+        check_positive_int(patience, "patience")
+        _check_positive(z_stop, "z_stop")
+        _check_positive(tolerance, "tolerance", allow_zero=True)
+        if masks is not None:
+            raise ValueError("masks cannot be combined with num_samples='auto', which draws its own antithetic pairs")
+    else:
+        check_positive_int(num_samples, "num_samples", minimum=2)
     check_positive_int(num_features, "num_features")
     check_choice(regressor, "regressor", ("ridge", "lasso"))
     check_choice(feature_selection, "feature_selection", ("none", "highest_weights"))
@@ -224,18 +435,23 @@ def lime(
     extra = _check_labels(labels, p.logits.shape[1])
     columns = torch.cat([p.targets[:, None], extra[None].expand(len(n_seg), -1).to(p.targets.device)], 1)
 
-    per_image = _lime_rows(masks, n_seg, num_samples, gen)
-    rows = torch.cat([_pad_columns(r, max(n_seg)) for r in per_image])
-    owner = torch.arange(len(n_seg)).repeat_interleave(torch.tensor([r.shape[0] for r in per_image]))
-    scores = evaluate_coalitions(p, segs, hidden, rows, owner, columns, output, batch_size, "lime").cpu()
+    if adaptive:
+        per_image, per_scores, info = _adaptive_samples(
+            p, segs, hidden, columns, n_seg, output, batch_size, gen, kernel_width=kernel_width,
+            alpha=alpha if regressor == "ridge" else 1.0, num_features=num_features, positive_only=positive_only,
+            max_samples=max_samples, tolerance=tolerance, patience=patience, z_stop=z_stop)
+    else:
+        per_image = _lime_rows(masks, n_seg, num_samples, gen)
+        rows = torch.cat([_pad_columns(r, max(n_seg)) for r in per_image])
+        owner = torch.arange(len(n_seg)).repeat_interleave(torch.tensor([r.shape[0] for r in per_image]))
+        scores = evaluate_coalitions(p, segs, hidden, rows, owner, columns, output, batch_size, "lime").cpu()
+        per_scores = list(torch.split(scores, [len(r) for r in per_image]))
+        info = {"n_samples": torch.tensor([len(r) for r in per_image])}
 
-    fits, offset = [], 0
-    for r, s in zip(per_image, n_seg):
+    fits = []
+    for r, y, s in zip(per_image, per_scores, n_seg):
         z = r.double()
-        distance = 1 - (z.sum(1) / s).sqrt()  # cosine distance to the all-on row, lime's metric
-        w = torch.exp(-(distance**2) / kernel_width**2).sqrt()
-        fits.append(_fit_local(z, scores[offset : offset + len(r)], w, regressor, alpha, num_features, feature_selection))
-        offset += len(r)
+        fits.append(_fit_local(z, y, lime_kernel(z, s, kernel_width), regressor, alpha, num_features, feature_selection))
     coef = _per_image([f[0] for f in fits], max(n_seg))  # (N,S,L), zero-padded segments
     intercept = torch.stack([f[1] for f in fits])  # (N,L)
     r2 = torch.stack([f[2] for f in fits])
@@ -244,6 +460,7 @@ def lime(
         "weights": weights.float(), "intercept": intercept[:, 0].float(), "r2": r2[:, 0].float(),
         "local_pred": (intercept[:, 0] + weights.sum(1)).float(), "segments": segs,
         "n_segments": torch.tensor(n_seg), "top_segments": _top_segments(weights, n_seg, num_features, positive_only),
+        **info,
     }
     if len(extra):
         extras.update(labels=extra, label_weights=coef[:, :, 1:].transpose(1, 2).float(),
@@ -252,6 +469,8 @@ def lime(
               "positive_only": positive_only, "kernel_width": kernel_width, "regressor": regressor, "alpha": alpha,
               "feature_selection": feature_selection, "output": output, "seed": _printable(seed),
               "segments": _printable(segments)}
+    if adaptive:
+        params.update(max_samples=max_samples, tolerance=tolerance, patience=patience, z_stop=z_stop)
     return explanation(p, _pixel_map(weights.to(segs.device), segs), "lime", params, extras)
 
 

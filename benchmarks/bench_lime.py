@@ -154,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     H.print_table(rows)
     print(f"all photos: heatlens {summary['speedup_heatlens_same_samples']:.2f}x, auto {summary['speedup_auto']:.2f}x "
           f"faster than the lime package at {args.num_samples} samples; top-5 overlap with lime's: heatlens "
-          f"(= lime vs lime) {summary['overlap_heatlens_vs_lime_mean']:.2f}/5, auto {summary['overlap_auto_vs_lime_mean']:.2f}/5")
+          f"(= lime vs lime) {summary['overlap_heatlens_vs_lime_mean']:.2f}/5, "
+          f"auto {summary['overlap_auto_vs_lime_mean']:.2f}/5")
     result = {"benchmark": "lime", "model": "efficientnet-lite0", "num_samples": args.num_samples,
               "quick": args.quick, "environment": H.environment(args.device), "summary": summary, "photos": photos}
     if not args.no_json:

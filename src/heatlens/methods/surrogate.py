@@ -451,7 +451,8 @@ def lime(
     fits = []
     for r, y, s in zip(per_image, per_scores, n_seg):
         z = r.double()
-        fits.append(_fit_local(z, y, lime_kernel(z, s, kernel_width), regressor, alpha, num_features, feature_selection))
+        w = lime_kernel(z, s, kernel_width)
+        fits.append(_fit_local(z, y, w, regressor, alpha, num_features, feature_selection))
     coef = _per_image([f[0] for f in fits], max(n_seg))  # (N,S,L), zero-padded segments
     intercept = torch.stack([f[1] for f in fits])  # (N,L)
     r2 = torch.stack([f[2] for f in fits])

@@ -62,23 +62,58 @@ def test_insertion_deletion_equal_homework_reference_on_effnet(effnet, chelsea_x
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "measured on chelsea/coffee/rocket, 8x8 superpixels, 16 per step: deletion AUC black fill occlusion(16) "
-    "0.064, smoothgrad(10) 0.077, random 0.044; blur fill 0.262 / 0.295 / 0.233. Scattered random patches "
-    "push efficientnet-lite0 off the image manifold faster than contiguous deletions (lead to decide)"))
-def test_random_maps_score_worse_than_occlusion_and_smoothgrad_on_deletion(effnet, photos):
+def test_random_maps_lose_on_insertion_and_on_the_insertion_deletion_gap_but_win_deletion(effnet, photos):
+    """Issue 6's check, settled at the CSEP 590B homework's own settings (problem 4): Occlusion with 8x8
+    superpixels and the black ("zeros", 2(c)) baseline, SmoothGrad with 50 samples of the softmax
+    gradient (its ``calculate_gradients``), Random = N(0,1) per pixel summed per 8x8 superpixel, curves of
+    the probability of the class predicted on the clean image, 8x8 superpixels filled with the black
+    image (16 of the 784 per step; the homework leaves the step free).
+
+    Measured on chelsea/coffee/rocket, efficientnet-lite0, 16 features per step (AUC means over the
+    three photos; random for seeds 0 / 1 / 2; occlusion with the black baseline unless noted):
+
+        fill, metric                  occlusion 8  occlusion 16  smoothgrad  random
+        black, insertion (higher)        0.136        0.180        0.278     0.035 / 0.032 / 0.066
+        black, deletion (lower)          0.069        0.064        0.069     0.044 / 0.037 / 0.029
+        black, insertion - deletion      0.067        0.116        0.209    -0.009 / -0.004 / 0.037
+        blur, deletion (lower)           0.255        0.262        0.324     0.233 / 0.280 / 0.238
+        blur, insertion (higher)         0.337        0.441        0.360     0.270 / 0.226 / 0.261
+        zeros (model-space grey), del.   0.096        0.099        0.086     0.056 / 0.057 / 0.062
+        mean colour, deletion            0.097        0.108        0.124     0.104 / 0.100 / 0.106
+
+    So Random does NOT score worse on deletion in any faithful setting: deleting scattered 8x8 squares
+    pushes the image off the data manifold (a grid of holes) and the probability collapses faster than
+    when whole objects are removed (Hooker et al., 2019; Rong et al., 2022). Random does lose on
+    insertion, and on insertion - deletion, which equals LeRF - MoRF deletion (LeRF deletion with a
+    fill is insertion read backwards) and so cancels the off-manifold drop common to both orders
+    (Blücher et al., 2024's symmetric relevance gain). The test pins all three facts.
+    """
     x = effnet.preprocess(photos)
-    table = compare(effnet, x, ["occlusion", "smoothgrad"], ["deletion"],
-                    method_kwargs={"occlusion": {"superpixel_size": 16, "baseline": "black"},
-                                   "smoothgrad": {"n_samples": 10, "noise": 0.15}},
+    table = compare(effnet, x, ["occlusion", "smoothgrad"], ["insertion", "deletion"],
+                    method_kwargs={"occlusion": {"superpixel_size": 8, "baseline": "black"},
+                                   "smoothgrad": {"n_samples": 50, "noise": 0.15, "output": "probability"}},
                     granularity=8, features_per_step=16, fill="black")
-    means = {r["method"]: r["mean"] for r in table.rows}
-    assert means["random"] > means["occlusion"]
-    assert means["random"] > means["smoothgrad"]
-    assert table.best("deletion") != "random"
+    mean = {(r["method"], r["metric"]): r["mean"] for r in table.rows}
+    gap = {m: mean[(m, "insertion")] - mean[(m, "deletion")] for m in table.methods}
+    for method in ("occlusion", "smoothgrad"):
+        assert mean[("random", "insertion")] < mean[(method, "insertion")]  # insertion: random is worst
+        assert gap["random"] < gap[method]  # the off-manifold drop cancelled: random is worst
+        assert mean[("random", "deletion")] < mean[(method, "deletion")]  # deletion alone: random "wins"
+    assert table.best("insertion") != "random" and table.best("deletion") == "random"
 
 
 # --- the curve engine in closed form ------------------------------------------------------------------
+def test_lerf_deletion_is_insertion_read_backwards(tiny_cnn, tiny_x):
+    """Deleting the least relevant k features leaves the most relevant F - k: insertion's image at F - k.
+    So insertion - deletion (the Random-map check above) is LeRF - MoRF deletion, the same area."""
+    maps = torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(9))  # no ties between features
+    settings = dict(granularity=4, features_per_step=1, fill="zeros", output="logit")
+    lerf = hl.metrics.pixel_flipping(tiny_cnn, tiny_x, maps, order="lerf", **settings)
+    ins = insertion(tiny_cnn, tiny_x, maps, **settings)
+    torch.testing.assert_close(lerf.curves, ins.curves.flip(1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(lerf.values, ins.values, atol=1e-5, rtol=0)
+
+
 def test_deletion_curve_of_linear_model_is_logit_minus_cumulative_contributions(linear_model):
     """f linear, fill 0, a = w * x: deleting feature set S lowers the logit by exactly sum_S a."""
     x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))

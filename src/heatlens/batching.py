@@ -15,6 +15,7 @@ range of ``n`` items and hands it to ``map_batches``. The engine
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, Union
@@ -24,16 +25,24 @@ from torch import Tensor, nn
 
 BatchResult = Union[Tensor, Sequence[Tensor], None]
 
-# Items per batch for a 3x224x224 input on CPU (DESIGN.md: forward+backward best at 8, forward-only
-# at 8-16). Other sizes scale by element count so a 3x28x56 digit gets far larger batches.
+# Items per batch for a 3x224x224 input on CPU (DESIGN.md: forward+backward best at 8; forward-only
+# occlusion ran 1.3x faster at 4-8 than at 16, docs/perturbation.md). Other sizes scale by element
+# count so a 3x28x56 digit gets far larger batches.
 _CPU_REFERENCE_ELEMENTS = 3 * 224 * 224
-_CPU_GRAD_BATCH, _CPU_INFER_BATCH = 8, 16
+_CPU_GRAD_BATCH, _CPU_INFER_BATCH = 8, 8
 _GPU_GRAD_BATCH, _GPU_INFER_BATCH = 64, 128
 _MAX_BATCH = 1024
 
 _progress_enabled = os.environ.get("HEATLENS_PROGRESS", "1") not in ("0", "false", "False", "")
 _tuned: dict[tuple, int] = {}
 _stats = {"batches": 0, "items": 0}
+_forward_only_listeners: list[Callable[[], None]] = []
+
+
+def on_forward_only(listener: Callable[[], None]) -> None:
+    """Call ``listener()`` whenever a forward-only run starts (``methods._autograd`` then releases the
+    clean pass it recorded for reuse, so that memory holds one batch at most)."""
+    _forward_only_listeners.append(listener)
 
 
 def set_progress(enabled: bool) -> None:
@@ -71,7 +80,7 @@ def default_batch_size(
         base = _GPU_GRAD_BATCH if grad else _GPU_INFER_BATCH
     else:
         base = _CPU_GRAD_BATCH if grad else _CPU_INFER_BATCH
-    elements = max(1, int(torch.tensor(list(item_shape)).prod())) if len(item_shape) else 1
+    elements = max(1, math.prod(int(s) for s in item_shape))  # no tensor: this runs on every call
     scaled = base * max(1.0, _CPU_REFERENCE_ELEMENTS / elements) ** 0.75
     return int(max(1, min(_MAX_BATCH, scaled)))
 
@@ -97,6 +106,9 @@ def map_batches(
     """
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
+    if not grad:
+        for listener in _forward_only_listeners:
+            listener()
     size = batch_size if batch_size is not None else default_batch_size(model, item_shape, grad=grad)
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")

@@ -95,13 +95,14 @@ def register(
     def decorate(fn: F) -> F:
         from ..models.adapter import as_classifier
         from ..models.hooks import frozen
+        from ._autograd import gradient_method
 
         @functools.wraps(fn)
         def method(model: Any, x: Any, target: Any = "predicted", **hyper: Any) -> Any:
             clf = as_classifier(model, x)
             if needs_grad:
                 clf.require_gradients(name)
-            with frozen(clf):
+            with frozen(clf), gradient_method(needs_grad):  # lets prepare's forward be reused by the gradient
                 return fn(clf, x, target, **hyper)
 
         method.info = METHODS.add(  # type: ignore[attr-defined]

@@ -10,8 +10,8 @@ Two speed-ups live here, so that every method gets them (measured in ``benchmark
 * ``fast_layout``: on CPU, images go to convolutional models channels-last (NHWC strides, same
   values): oneDNN convolutions run ~1.3-1.5x faster that way.
 * the clean pass is reused: in a gradient method, when x fits in one gradient batch, ``prepare``
-  runs its forward with autograd recording, and the first ``input_gradients`` call at exactly that x (same tensor, same
-  model state) back-propagates through it instead of running the forward again. Saliency, gradient
+  runs its forward with autograd recording, and the first ``input_gradients`` call at exactly that
+  x (same tensor, same model state) back-propagates through it instead of running the forward again. Saliency, gradient
   x input and SmoothGrad's inner calls thus cost one forward+backward, not an extra forward. Any other
   use (another input, a forward-only batch, layer gradients) releases the recorded pass first, so
   memory stays one batch.

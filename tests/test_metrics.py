@@ -78,15 +78,19 @@ def test_random_maps_lose_on_insertion_and_on_the_insertion_deletion_gap_but_win
         black, insertion - deletion      0.067        0.116        0.209    -0.009 / -0.004 / 0.037
         blur, deletion (lower)           0.255        0.262        0.324     0.233 / 0.280 / 0.238
         blur, insertion (higher)         0.337        0.441        0.360     0.270 / 0.226 / 0.261
+        blur, deletion, occlusion
+          with the blur baseline         0.111        0.168        0.324     0.233 / 0.280 / 0.238
+        blur, insertion, same            0.555        0.489        0.360     0.270 / 0.226 / 0.261
         zeros (model-space grey), del.   0.096        0.099        0.086     0.056 / 0.057 / 0.062
         mean colour, deletion            0.097        0.108        0.124     0.104 / 0.100 / 0.106
 
-    So Random does NOT score worse on deletion in any faithful setting: deleting scattered 8x8 squares
-    pushes the image off the data manifold (a grid of holes) and the probability collapses faster than
-    when whole objects are removed (Hooker et al., 2019; Rong et al., 2022). Random does lose on
-    insertion, and on insertion - deletion, which equals LeRF - MoRF deletion (LeRF deletion with a
-    fill is insertion read backwards) and so cancels the off-manifold drop common to both orders
-    (Blücher et al., 2024's symmetric relevance gain). The test pins all three facts.
+    So Random does NOT score worse than both on deletion in any faithful setting (it loses to occlusion
+    only when the fill is blur and occlusion used the same blur baseline; SmoothGrad never beats it):
+    deleting scattered 8x8 squares pushes the image off the data manifold (a grid of holes) and the
+    probability collapses faster than when whole objects are removed (Hooker et al., 2019; Rong et al.,
+    2022). Random does lose on insertion, and on insertion - deletion, which equals LeRF - MoRF deletion
+    (LeRF deletion with a fill is insertion read backwards) and so cancels the off-manifold drop common
+    to both orders (Blücher et al., 2024's symmetric relevance gain). The test pins all three facts.
     """
     x = effnet.preprocess(photos)
     table = compare(effnet, x, ["occlusion", "smoothgrad"], ["insertion", "deletion"],

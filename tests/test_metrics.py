@@ -84,8 +84,9 @@ def test_random_maps_lose_on_insertion_and_on_the_insertion_deletion_gap_but_win
         zeros (model-space grey), del.   0.096        0.099        0.086     0.056 / 0.057 / 0.062
         mean colour, deletion            0.097        0.108        0.124     0.104 / 0.100 / 0.106
 
-    So Random does NOT score worse than both on deletion in any faithful setting (it loses to occlusion
-    only when the fill is blur and occlusion used the same blur baseline; SmoothGrad never beats it):
+    So Random does NOT score worse than both on deletion in any faithful setting (occlusion 8 beats it
+    only with the blur fill and the same blur baseline, and narrowly with the mean fill; SmoothGrad
+    never does):
     deleting scattered 8x8 squares pushes the image off the data manifold (a grid of holes) and the
     probability collapses faster than when whole objects are removed (Hooker et al., 2019; Rong et al.,
     2022). Random does lose on insertion, and on insertion - deletion, which equals LeRF - MoRF deletion

@@ -19,7 +19,10 @@ from torch import nn  # noqa: E402
 
 import heatlens as hl  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Share the cores between xdist workers: two workers x two OpenMP threads on 2 cores oversubscribe,
+# and oneDNN's spinning threads then stall each other (tiny ops measured at 15-100 ms instead of 0.04).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture

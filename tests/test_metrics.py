@@ -331,6 +331,9 @@ def test_compare_table_agrees_with_direct_metric_calls(tiny_cnn, tiny_x):
     md = table.to_markdown().splitlines()
     assert md[0] == "| method | deletion ↓ | sparseness ↑ |" and len(md) == 5
     assert table.to_text().splitlines()[2].startswith("saliency")
+    wide = {r["method"]: r for r in table.to_wide()}
+    assert list(wide) == ["saliency", "input_x_gradient", "random"]
+    assert wide["input_x_gradient"]["deletion ↓"] == f"{direct.mean():.4g} ± {direct.sem():.2g}"
 
 
 def test_localisation_metrics_on_a_hand_made_map():

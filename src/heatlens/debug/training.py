@@ -50,6 +50,18 @@ def seed_cnn(num_classes: int = NUM_CLASSES, *, seed: int = 0) -> nn.Module:
     return _seeded(net, seed)
 
 
+def _conv_blocks(width: int) -> list[tuple[str, nn.Module]]:
+    """Two (3x3 conv, ReLU, 2x2 max-pool) blocks, 3 -> width -> 2*width channels, H and W quartered."""
+    return [
+        ("conv1", nn.Conv2d(3, width, 3, padding=1)),
+        ("relu1", nn.ReLU()),
+        ("pool1", nn.MaxPool2d(2)),
+        ("conv2", nn.Conv2d(width, 2 * width, 3, padding=1)),
+        ("relu2", nn.ReLU()),
+        ("pool2", nn.MaxPool2d(2)),
+    ]
+
+
 def conv_net(num_classes: int = NUM_CLASSES, *, width: int = 16, seed: int = 0) -> nn.Module:
     """Two conv blocks (3x3 conv, ReLU, 2x2 max-pool), then dense 64 and the output layer.
 
@@ -58,12 +70,7 @@ def conv_net(num_classes: int = NUM_CLASSES, *, width: int = 16, seed: int = 0) 
     check_positive_int(num_classes, "num_classes", minimum=2)
     check_positive_int(width, "width")
     net = nn.Sequential(OrderedDict([
-        ("conv1", nn.Conv2d(3, width, 3, padding=1)),
-        ("relu1", nn.ReLU()),
-        ("pool1", nn.MaxPool2d(2)),
-        ("conv2", nn.Conv2d(width, 2 * width, 3, padding=1)),
-        ("relu2", nn.ReLU()),
-        ("pool2", nn.MaxPool2d(2)),
+        *_conv_blocks(width),
         ("flatten", nn.Flatten()),
         ("fc1", nn.Linear(2 * width * (HEIGHT // 4) * (WIDTH // 4), 64)),
         ("relu3", nn.ReLU()),
@@ -80,12 +87,7 @@ def gap_cnn(num_classes: int = NUM_CLASSES, *, width: int = 16, seed: int = 0) -
     check_positive_int(num_classes, "num_classes", minimum=2)
     check_positive_int(width, "width")
     net = nn.Sequential(OrderedDict([
-        ("conv1", nn.Conv2d(3, width, 3, padding=1)),
-        ("relu1", nn.ReLU()),
-        ("pool1", nn.MaxPool2d(2)),
-        ("conv2", nn.Conv2d(width, 2 * width, 3, padding=1)),
-        ("relu2", nn.ReLU()),
-        ("pool2", nn.MaxPool2d(2)),
+        *_conv_blocks(width),
         ("conv3", nn.Conv2d(2 * width, 4 * width, 3, padding=1)),
         ("relu3", nn.ReLU()),
         ("gap", nn.AdaptiveAvgPool2d(1)),

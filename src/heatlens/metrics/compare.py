@@ -67,6 +67,11 @@ class Comparison:
     def _hib(self, metric: str) -> bool:
         return next(r["higher_is_better"] for r in self.rows if r["metric"] == metric)
 
+    def to_wide(self) -> list[dict[str, str]]:
+        """One dict per method: {"method": name, "<metric> ↑|↓": "mean ± sem"}, as the text table shows."""
+        header, body = self._grid()
+        return [dict(zip(header, row)) for row in body]
+
     def to_text(self) -> str:
         """Aligned plain-text table: one row per method, ``mean ± standard error`` per metric."""
         header, body = self._grid()

@@ -183,17 +183,11 @@ def tap(
             return None
         return type(out)([first, *out[1:]]) if isinstance(out, (tuple, list)) else first
 
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    handles = [module.register_forward_hook(on_forward)]
-    try:
+    with _hooks_registered() as handles:
+        handles.append(module.register_forward_hook(on_forward))
         if root is not None:
             handles.append(root.register_forward_pre_hook(on_root))
-        torch.backends.mha.set_fastpath_enabled(False)
         yield seen
-    finally:
-        for handle in handles:
-            handle.remove()
-        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 @contextmanager
@@ -216,13 +210,23 @@ def trace_layers(model: nn.Module) -> Iterator[list[tuple[str, int, Tensor]]]:
 
         return on_forward
 
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    handles = []
-    try:
+    with _hooks_registered() as handles:
         for name, module in named_layers(model).items():
             handles.append(module.register_forward_hook(recorder(name)))
-        torch.backends.mha.set_fastpath_enabled(False)
         yield calls
+
+
+@contextmanager
+def _hooks_registered() -> Iterator[list[torch.utils.hooks.RemovableHandle]]:
+    """A list to append hook handles to; all are removed on exit, also on error.
+
+    PyTorch's transformer fast path skips submodule hooks, so it is off inside and restored after.
+    """
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        torch.backends.mha.set_fastpath_enabled(False)
+        yield handles
     finally:
         for handle in handles:
             handle.remove()

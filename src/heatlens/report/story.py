@@ -94,10 +94,8 @@ def _faithfulness_section(model: Any, x: torch.Tensor, seed: int) -> Section:
 
     table = compare(model, x, list(EVAL_METHODS), ["insertion", "deletion"], method_kwargs=METHOD_KWARGS,
                     seed=seed, granularity=2, features_per_step=8, fill="zeros")
-    header, body = table._grid()
-    rows = [dict(zip(header, cells)) for cells in body]
     curves = _curve_figure(table)
-    return metrics_section("Faithfulness on test images (2x2 superpixels, zero fill)", rows,
+    return metrics_section("Faithfulness on test images (2x2 superpixels, zero fill)", table.to_wide(),
                            figures=[(curves, "deletion curves: the faster the score falls, the more faithful the map")])
 
 

@@ -78,11 +78,13 @@ def test_floor_arithmetic_on_a_fake_timing():
 
 
 def test_compare_reports_median_and_memory():
-    """compare() times in alternation; the median and the memory a call added are what get reported."""
+    """compare() times in alternation; the median and the memory a call added are what get reported,
+    and the memory reading is an extra run: the timed runs are not slowed by the sampler."""
     big = []
     runs = H.compare({"alloc": lambda: big.append(torch.ones(64, 2**20 // 4)), "none": lambda: None},
                      repeats=3, warmup=0)
     t = runs["alloc"]
+    assert len(big) == 3 + 1  # three timed runs, one instrumented
     assert len(t.times) == 3 and t.median == sorted(t.times)[1]
     assert t.peak_delta_mb > 32  # 64 MiB written inside the call (sampled resident memory)
     assert runs["none"].peak_delta_mb < t.peak_delta_mb
@@ -94,7 +96,18 @@ def test_cli_splits_names_and_options():
     assert cli.split_args(["methods", "occlusion", "--quick", "--device", "cuda"]) == (
         ["methods", "occlusion"], ["--quick", "--device", "cuda"])
     assert cli.split_args(["--quick"]) == ([], ["--quick"])
-    with pytest.raises(ValueError, match="unknown benchmark 'nope'; available: bench_lime"):
+    with pytest.raises(ValueError, match="unknown benchmark 'nope'; available: bench_allocator, bench_lime"):
         cli.main(["nope"])
     with pytest.raises(ValueError, match=r"unknown method\(s\) \['nope'\]"):
         B.main(["--quick", "--methods", "nope", "--no-json"])
+
+
+def test_allocator_benchmark_times_fresh_processes():
+    """bench_allocator: each contender in its own interpreter; the ratios are its own timings' quotients."""
+    from benchmarks import bench_allocator as A
+
+    code = A._PRELUDE.format(threads=1, repeats=1) + "print(timed(lambda: hl.explain(clf, x[..., :224, :224], 'saliency', target=t)))"
+    seconds = A._run(code, tune=True)
+    assert 0 < seconds < 60
+    with pytest.raises(Exception, match="returned non-zero exit status"):
+        A._run("raise SystemExit(3)", tune=False)

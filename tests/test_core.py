@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -104,6 +108,35 @@ def test_invalid_batch_size_is_refused():
 
 
 # --- targets -----------------------------------------------------------------------------------
+_REFAULTS = """
+import resource, sys, torch
+from heatlens import batching
+batching.map_batches(lambda a, b: torch.zeros(b - a), 4)  # the engine's first run tunes the allocator
+block = torch.ones(2**24)  # 64 MiB, freed; then 32 MiB written (a later, smaller batch)
+del block
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+block = torch.ones(2**23)
+print(batching.tune_allocator(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_engine_keeps_freed_memory_for_the_next_batch_unless_told_not_to():
+    """32 MiB written after a 64 MiB block was freed: with the tuned allocator the freed pages are
+    reused (no new page faults); with HEATLENS_TUNE_ALLOCATOR=0 glibc unmapped them and all 8192
+    pages of the new block fault in."""
+    def run(flag: str) -> tuple[str, int]:
+        env = {**os.environ, "HEATLENS_TUNE_ALLOCATOR": flag}
+        out = subprocess.run([sys.executable, "-c", _REFAULTS], env=env, capture_output=True, text=True, check=True)
+        tuned, faults = out.stdout.split()
+        return tuned, int(faults)
+
+    tuned, faults_tuned = run("1")
+    untouched, faults_default = run("0")
+    assert (tuned, untouched) == ("True", "False")
+    assert faults_tuned < 1000 < 8000 < faults_default
+
+
 def test_targets_every_accepted_form():
     logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]])
     labels = ("cat", "tabby, tabby cat", "dog")

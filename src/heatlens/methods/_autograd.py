@@ -11,10 +11,12 @@ Two speed-ups live here, so that every method gets them (measured in ``benchmark
   values): oneDNN convolutions run ~1.3-1.5x faster that way.
 * the clean pass is reused: in a gradient method, when x fits in one gradient batch, ``prepare``
   runs its forward with autograd recording, and the first ``input_gradients`` call at exactly that
-  x (same tensor, same model state) back-propagates through it instead of running the forward again. Saliency, gradient
-  x input and SmoothGrad's inner calls thus cost one forward+backward, not an extra forward. Any other
-  use (another input, a forward-only batch, layer gradients) releases the recorded pass first, so
-  memory stays one batch.
+  x (same tensor, same model state) back-propagates through it instead of running the forward again.
+  Saliency, gradient x input and SmoothGrad's inner calls thus cost one forward+backward, not an
+  extra forward. A method whose pass differs from the plain forward (propagation rules, a CAM's
+  tapped layer) hands ``prepare`` that pass (``through=``), so its first pass is the clean one too.
+  Any other use (another input, a forward-only batch, layer gradients) releases the recorded pass
+  first, so memory stays one batch.
 """
 
 from __future__ import annotations
@@ -55,13 +57,24 @@ class Prepared:
         return values.gather(1, self.targets.view(-1, 1)).squeeze(1).float()
 
 
-def prepare(model: Any, x: Any, target: TargetLike, *, output: str = "logit") -> Prepared:
-    """Validate ``x`` against the model, run it once, resolve ``target`` from the clean logits."""
+def prepare(model: Any, x: Any, target: TargetLike, *, output: str = "logit", through: Any = None,
+            record: bool = True) -> Prepared:
+    """Validate ``x`` against the model, run it once, resolve ``target`` from the clean logits.
+
+    through: what runs that pass inside a gradient method, so the method's own first pass doubles
+    as the clean one (no extra forward): None is the model itself (reused by ``input_gradients``);
+    an object with ``__call__(x) -> logits`` and ``model`` (the Classifier) is the method's own pass,
+    e.g. the model under propagation rules or with a layer tapped, reused by ``input_gradients`` /
+    ``take_recorded`` called with that object. Its logits must equal the model's. Its
+    ``input_grad`` attribute (default True) says whether the pass needs the input gradient.
+    record: False when no later pass can reuse this one (DeepLIFT runs x with its baselines): the
+    clean logits then come from a cheaper pass without a graph.
+    """
     model = as_classifier(model, x)
     c, h, w = model.input_size
     x = check_images(x, "x", channels=c, size=(h, w)).to(model.device).detach()
     check_choice(output, "output", OUTPUTS)
-    logits = _recorded_forward(model, x) if _worth_recording(model, x) else None
+    logits = _recorded_forward(model, x, through) if record and _worth_recording(model, x) else None
     if logits is None:
         with torch.inference_mode():  # NCHW: one pass, and its rounding must not depend on the batch
             logits = model(x).detach().clone()
@@ -91,9 +104,10 @@ def fast_layout(model: Any, x: Tensor) -> Tensor:
 # --- the recorded clean pass ------------------------------------------------------------------------
 @dataclass
 class _CleanPass:
-    """A forward at the clean x with autograd recording: x as given, the leaf it ran on, logits (N,K)."""
+    """A forward at the clean x with autograd recording, by ``runner`` (the model or a method's own
+    pass): x as given, the leaf it ran on, logits (N,K)."""
 
-    model: Classifier
+    runner: Any
     x: Tensor
     version: int
     state: tuple
@@ -133,15 +147,16 @@ def _worth_recording(model: Classifier, x: Tensor) -> bool:
     return x.shape[0] <= default_batch_size(model, model.input_size, grad=True)
 
 
-def _recorded_forward(model: Classifier, x: Tensor) -> Tensor | None:
-    """Logits (N,K) at x, detached; keeps the graph for one ``input_gradients`` call at the same x."""
+def _recorded_forward(model: Classifier, x: Tensor, through: Any = None) -> Tensor | None:
+    """Logits (N,K) at x, detached; keeps the graph for one reuse at the same x (see ``prepare``)."""
     _release()
-    leaf = fast_layout(model, x).detach().requires_grad_(True)
+    runner = model if through is None else through
+    leaf = fast_layout(model, x).detach().requires_grad_(getattr(runner, "input_grad", True))
     with torch.enable_grad():
-        logits = model(leaf)
+        logits = runner(leaf)
     if not logits.requires_grad:  # the model cut the graph (e.g. runs under no_grad itself)
         return None
-    _held.clean = _CleanPass(model, x, x._version, _state(model), leaf, logits)
+    _held.clean = _CleanPass(runner, x, x._version, _state(model), leaf, logits)
     return logits.detach().clone()
 
 
@@ -156,15 +171,23 @@ def _state(model: nn.Module) -> tuple:
     return versions, hooks
 
 
-def _take_clean(model: Any, x: Tensor) -> _CleanPass | None:
-    """The recorded pass if it was run by ``model`` at exactly this x (same rows, data, state); released either way."""
+def take_recorded(runner: Any, x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(leaf, logits with their graph) of the pass ``prepare`` recorded with ``runner`` at exactly
+    this x (same rows, data, model state), else None; released either way, so it is used once."""
     clean = getattr(_held, "clean", None)
     _release()
-    if clean is None or clean.model is not model:
+    if clean is None or clean.runner is not runner:
         return None
     same = (x.data_ptr() == clean.x.data_ptr() and x.shape == clean.x.shape and x.stride() == clean.x.stride()
             and x.dtype == clean.x.dtype and x._version == clean.version)
-    return clean if same and _state(model) == clean.state else None
+    model = getattr(runner, "model", runner)
+    return (clean.leaf, clean.logits) if same and _state(model) == clean.state else None
+
+
+def gathered(logits: Tensor, targets: Tensor, output: str = "logit") -> Tensor:
+    """The explained score (B,) from logits (B,K): as ``Classifier.score``."""
+    values = logits.softmax(1) if output == "probability" else logits
+    return values.gather(1, targets.reshape(-1, 1)).squeeze(1)
 
 
 def input_gradients(model: Classifier, x: Tensor, targets: Tensor, output: str = "logit") -> tuple[Tensor, Tensor]:
@@ -174,11 +197,10 @@ def input_gradients(model: Classifier, x: Tensor, targets: Tensor, output: str =
     gives every row its own gradient in one pass. At the x ``prepare`` just ran, its recorded
     forward is reused (no second forward).
     """
-    clean = _take_clean(model, x)
+    clean = take_recorded(model, x)
     if clean is not None:
-        leaf, logits = clean.leaf, clean.logits
-        values = logits.softmax(1) if output == "probability" else logits  # as Classifier.score
-        scores = values.gather(1, targets.reshape(-1, 1)).squeeze(1)
+        leaf, logits = clean
+        scores = gathered(logits, targets, output)
     else:
         leaf = fast_layout(model, x.detach()).detach().requires_grad_(True)
         scores = model.score(leaf, targets, output)

@@ -30,7 +30,7 @@ from ..explanation import Explanation
 from ..models.adapter import Classifier
 from ..models.hooks import resolve_layer, tap, trace_layers
 from ..targets import TargetLike
-from ._autograd import Prepared, prepare, score_gradients, scores_over
+from ._autograd import Prepared, gathered, prepare, score_gradients, scores_over, take_recorded
 from .gradient import explanation
 from .registry import METHODS, get_method, register
 
@@ -170,15 +170,21 @@ def _public(name: str) -> str:
 
 def resolve_site(p: Prepared, layer: LayerLike) -> Site:
     """``layer`` (name, module, None) -> Site; unknown names raise with the closest valid ones."""
-    if p.model.net is None:
+    site = known_site(p.model, layer)
+    if site is None:  # one trace per model: repeated calls (smoothing, sanity checks) reuse it
+        site = _auto_layers[p.model] = find_layer(p.model, p.x, p.targets)
+    return site
+
+
+def known_site(model: Classifier, layer: LayerLike) -> Site | None:
+    """The Site of an explicit ``layer``, or of the automatic layer already found for this model while
+    it is still there; None when finding it needs a traced pass (``find_layer``)."""
+    if model.net is None:
         raise TypeError("CAM methods hook a layer, but model is a black-box predict function; wrap the nn.Module instead")
     if layer is None:
-        # one trace per model: repeated calls (smoothing, sanity checks) reuse it while the layer is still there
-        cached = _auto_layers.get(p.model)
-        if cached is None or _layer_or_none(p.model, cached.name) is not cached.module:
-            cached = _auto_layers[p.model] = find_layer(p.model, p.x, p.targets)
-        return cached
-    name, module = resolve_layer(p.model, layer)
+        cached = _auto_layers.get(model)
+        return cached if cached is not None and _layer_or_none(model, cached.name) is cached.module else None
+    name, module = resolve_layer(model, layer)
     return Site(_public(name), module)
 
 
@@ -216,17 +222,41 @@ class CamContext:
 Combine = Callable[[Tensor, Tensor | None, CamContext], Tensor]
 
 
-def _gradient_cams(ctx: CamContext, combine: Combine) -> Tensor:
-    """combine(acts, grads) per engine batch of images -> (N,1,h,w); backward stops at the layer."""
+class _TappedPass:
+    """The model's forward with the CAM layer tapped as a gradient leaf: handed to ``prepare(through=)``
+    so the clean pass is the CAM's own (one forward in all; the graph starts at the layer)."""
+
+    input_grad = False  # the backward stops at the layer
+
+    def __init__(self, model: Classifier, site: Site) -> None:
+        self.model, self.site, self.outputs = model, site, []
+
+    def __call__(self, x: Tensor) -> Tensor:
+        with tap(self.site.module, root=self.model, leaf=True) as seen:
+            logits = self.model(x)
+        self.outputs = seen.outputs
+        return logits
+
+
+def _gradient_cams(ctx: CamContext, combine: Combine, tapped: _TappedPass | None = None) -> Tensor:
+    """combine(acts, grads) per engine batch of images -> (N,1,h,w); backward stops at the layer.
+    tapped: the pass ``prepare`` ran, reused for the first batch when it covered it."""
     p, site = ctx.p, ctx.site
 
     def step(start: int, stop: int) -> Tensor:
-        with tap(site.module, root=p.model, leaf=True) as seen:
-            (grads,), _ = score_gradients(p.model, p.x[start:stop], p.targets[start:stop],
-                                          lambda: [_picked(seen.outputs, site)], ctx.output)
-        acts = _picked(seen.outputs, site).detach()
+        recorded = None if tapped is None else take_recorded(tapped, p.x[start:stop])
+        if recorded is not None:
+            scores = gathered(recorded[1], p.targets[start:stop], ctx.output)
+            acts = _picked(tapped.outputs, site)
+            (grads,) = torch.autograd.grad(scores.sum(), [acts], allow_unused=True)
+        else:
+            with tap(site.module, root=p.model, leaf=True) as seen:
+                (grads,), _ = score_gradients(p.model, p.x[start:stop], p.targets[start:stop],
+                                              lambda: [_picked(seen.outputs, site)], ctx.output)
+            acts = _picked(seen.outputs, site)
+        acts = acts.detach()
         ctx.layout = lay = layout_of(acts, p.model, site.name)
-        grads = torch.zeros_like(acts) if grads is None else grads
+        grads = torch.zeros_like(acts) if grads is None else grads.detach()
         return combine(lay.to_map(acts), lay.to_map(grads), ctx)
 
     return map_batches(step, p.x.shape[0], batch_size=ctx.batch_size, grad=True, model=p.model,
@@ -266,9 +296,11 @@ def cam_method(name: str, combine: Combine, *, gradients: bool = True, output: s
     ) -> Explanation:
         if not isinstance(relu, bool):
             raise TypeError(f"relu must be True or False, got {relu!r}")
-        p = prepare(model, x, target, output=output)
-        ctx = CamContext(p, resolve_site(p, layer), output, batch_size)
-        cams = _gradient_cams(ctx, combine) if gradients else combine(_activations(ctx), None, ctx)
+        site = known_site(model, layer)
+        tapped = _TappedPass(model, site) if gradients and site is not None else None
+        p = prepare(model, x, target, output=output, through=tapped)
+        ctx = CamContext(p, site or resolve_site(p, layer), output, batch_size)
+        cams = _gradient_cams(ctx, combine, tapped) if gradients else combine(_activations(ctx), None, ctx)
         cams = cams.clamp_min(0) if relu else cams
         params = {"layer": ctx.site.name, "relu": relu, "output": output}
         if ctx.site.call is not None and gradients:

@@ -340,6 +340,7 @@ class _PairedScorer:
 
     def __init__(self, model: Classifier, kinds: frozenset[str], output: str) -> None:
         self.model, self.kinds, self.output = model, kinds, output
+        self.net, self.layout = model.net, model.layout  # fast_layout reads these: channels-last on CPU
         self.refs: Tensor | None = None
         self.scores: tuple[Tensor, Tensor] | None = None  # f(x), f(x') of the last batch
         self.unsupported: Counter[str] = Counter()
@@ -446,7 +447,7 @@ def deeplift(
     nonlinearity has a rule; a ``CompletenessWarning`` names the ops that break it otherwise.
     """
     kinds = resolve_activations(activations, "deeplift")
-    p = prepare(model, x, target, output=output)
+    p = prepare(model, x, target, output=output, record=False)  # the paired pass below cannot reuse it
     refs = resolve_baseline(p.model, p.x, baseline, generator=make_generator(seed))
     attributions = torch.empty_like(p.x)
 
@@ -477,7 +478,7 @@ def deeplift_shap(
     to f(x) - mean_r f(r): extras["completeness_gap"] (N,), extras["background_scores"] (N,).
     """
     kinds = resolve_activations(activations, "deeplift")
-    p = prepare(model, x, target, output=output)
+    p = prepare(model, x, target, output=output, record=False)  # the paired pass below cannot reuse it
     refs = _background(p, background, seed)  # (N, M, C, H, W), a view for a shared set
     n, m = refs.shape[:2]
     total = torch.zeros_like(p.x)
@@ -512,20 +513,24 @@ def _background(p: Prepared, background: Tensor | BaselineLike, seed: int | torc
 
 # --- Guided backprop and deconvnet -----------------------------------------------------------
 class _RuleScorer:
-    """``model.score`` with the forward run inside ``override_backward`` (the backward runs after)."""
+    """The model with its forward run inside ``override_backward`` (the backward runs after): the
+    same values, the rule's gradients. Passed to ``prepare(through=)`` so the clean pass is this one."""
 
     def __init__(self, model: Classifier, rule: Rule, kinds: frozenset[str], method: str) -> None:
         self.model, self.rule, self.kinds, self.method = model, rule, kinds, method
+        self.net, self.layout = model.net, model.layout  # fast_layout reads these
+
+    def __call__(self, x: Tensor) -> Tensor:
+        with override_backward(self.rule, tuple(self.kinds), method=self.method):
+            return self.model(x)
 
     def score(self, x: Tensor, targets: Tensor, output: str) -> Tensor:
         with override_backward(self.rule, tuple(self.kinds), method=self.method):
             return self.model.score(x, targets, output)
 
 
-def _modified_gradients(p: Prepared, rule: Rule, kinds: frozenset[str], method: str,
-                        output: str, batch_size: int | None) -> Tensor:
-    """The gradient of the explained score with ``rule`` at the chosen activations, (N,C,H,W)."""
-    scorer = _RuleScorer(p.model, rule, kinds, method)
+def _modified_gradients(p: Prepared, scorer: _RuleScorer, method: str, output: str, batch_size: int | None) -> Tensor:
+    """The gradient of the explained score with the scorer's rule at its activations, (N,C,H,W)."""
     grads = torch.empty_like(p.x)
 
     def step(start: int, stop: int) -> None:
@@ -548,9 +553,9 @@ def guided_backprop(
     activations: kinds given the rule. Default ReLU and ReLU6 (``nn.ReLU6`` / ``F.hardtanh``, e.g.
     efficientnet-lite); ``"captum"`` is ReLU only, as Captum, which hooks ``nn.ReLU`` modules alone.
     """
-    kinds = resolve_activations(activations, "guided_backprop")
-    p = prepare(model, x, target, output=output)
-    grads = _modified_gradients(p, guided_rule, kinds, "guided_backprop", output, batch_size)
+    scorer = _RuleScorer(model, guided_rule, resolve_activations(activations, "guided_backprop"), "guided_backprop")
+    p = prepare(model, x, target, output=output, through=scorer)
+    grads = _modified_gradients(p, scorer, "guided_backprop", output, batch_size)
     return explanation(p, grads, "guided_backprop", {"activations": _describe(activations), "output": output})
 
 
@@ -562,9 +567,9 @@ def deconvnet(
 ) -> Explanation:
     """Deconvnet (Zeiler & Fergus, 2014): attributions (N,C,H,W) = the gradient with relu(g) in place of
     each chosen activation's derivative. activations: as ``guided_backprop``."""
-    kinds = resolve_activations(activations, "deconvnet")
-    p = prepare(model, x, target, output=output)
-    grads = _modified_gradients(p, deconvnet_rule, kinds, "deconvnet", output, batch_size)
+    scorer = _RuleScorer(model, deconvnet_rule, resolve_activations(activations, "deconvnet"), "deconvnet")
+    p = prepare(model, x, target, output=output, through=scorer)
+    grads = _modified_gradients(p, scorer, "deconvnet", output, batch_size)
     return explanation(p, grads, "deconvnet", {"activations": _describe(activations), "output": output})
 
 

@@ -66,13 +66,17 @@ class Timing:
 
 
 def setup(threads: int | None = 2, progress: bool = False) -> None:
-    """Pin torch's intra-op threads (DESIGN.md's numbers are for 2 cores) and silence progress bars."""
+    """Pin torch's intra-op threads (DESIGN.md's numbers are for 2 cores), silence progress bars and
+    apply the engine's allocator tuning now (``HEATLENS_TUNE_ALLOCATOR=0`` leaves it off for all)."""
     if threads:
         torch.set_num_threads(int(threads))
     os.environ["HEATLENS_PROGRESS"] = "1" if progress else "0"
-    from heatlens.batching import set_progress
+    from heatlens.batching import set_progress, tune_allocator
 
     set_progress(progress)
+    # before anything is timed: the floor, heatlens and its peers then share one allocator setting
+    # (process-wide); bench_allocator measures the setting itself, in separate processes
+    tune_allocator()
 
 
 def parser(description: str, *, repeats: int = 3) -> argparse.ArgumentParser:

@@ -43,10 +43,24 @@ def make_tiny_cnn(num_classes: int = 5, channels: int = 3, size: int = 16, seed:
         ("flatten", nn.Flatten()),
         ("fc", nn.Linear(8, num_classes)),
     ]))
+    return randomise_(net, gen)
+
+
+def randomise_(net: nn.Module, gen: torch.Generator, scale: float = 0.5) -> nn.Module:
+    """Every parameter drawn from N(0, scale^2) with ``gen``, in place; returns the net in eval mode."""
     with torch.no_grad():
         for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
     return net.eval()
+
+
+def recording(method, seen: list):
+    """``method`` that also appends each input it is called with to ``seen`` (to replay a metric's noise)."""
+    def run(model, inputs, target, **kw):
+        seen.append(inputs.detach().clone())
+        return method(model, inputs, target, **kw)
+
+    return run
 
 
 @pytest.fixture

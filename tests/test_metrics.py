@@ -14,6 +14,7 @@ from torch import nn
 import heatlens as hl
 from heatlens.metrics import compare, deletion, insertion, perturbation_curve
 from heatlens.metrics.faithfulness import noisy_linear_imputation
+from conftest import recording
 
 
 # --- the homework's insertion / deletion, written the straightforward way ------------------------------
@@ -284,13 +285,8 @@ def test_max_sensitivity_of_saliency_on_a_linear_model_is_zero_and_of_gradient_x
     assert float(r.values.abs().max()) < 1e-6  # gradients of a linear model never move
     assert r.params["method"] == "saliency"  # defaults to the explanation's own method
     seen = []
-
-    def recording_ixg(model, inputs, target, **kw):
-        seen.append(inputs.detach().clone())
-        return hl.methods.input_x_gradient(model, inputs, target, **kw)
-
     ixg = hl.explain(linear_model, x, "input_x_gradient")
-    r = hl.metrics.max_sensitivity(linear_model, x, ixg, method=recording_ixg, n_samples=4, radius=0.05,
+    r = hl.metrics.max_sensitivity(linear_model, x, ixg, method=recording(hl.methods.input_x_gradient, seen), n_samples=4, radius=0.05,
                                    batch_size=2)
     noisy = torch.cat(seen).view(4, 2, -1)  # draw-major
     w = linear_model[1].weight[ixg.targets]  # (2, 48)

@@ -9,6 +9,8 @@ from torch import nn
 
 import heatlens as hl
 
+from conftest import randomise_, recording
+
 quantus = pytest.importorskip("quantus")
 
 
@@ -18,10 +20,7 @@ def gray_cnn() -> nn.Module:
     gen = torch.Generator().manual_seed(11)
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
                         nn.Linear(16, 3))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return net.eval()
+    return randomise_(net, gen)
 
 
 @pytest.fixture
@@ -69,13 +68,8 @@ def test_localisation_metrics_agree_with_quantus(gray_x, name, cls, kwargs, ours
 def test_max_sensitivity_agrees_with_quantus_on_the_same_noise(gray_cnn, gray_x):
     """Quantus replays the noisy inputs heatlens explained (its perturb_func is a parameter)."""
     seen = []
-
-    def recording_saliency(model, inputs, target, **kw):
-        seen.append(inputs.detach().clone())
-        return hl.methods.saliency(model, inputs, target, **kw)
-
     e = hl.explain(gray_cnn, gray_x, "saliency")
-    ours = hl.metrics.max_sensitivity(gray_cnn, gray_x, e, method=recording_saliency, n_samples=5, radius=0.1,
+    ours = hl.metrics.max_sensitivity(gray_cnn, gray_x, e, method=recording(hl.methods.saliency, seen), n_samples=5, radius=0.1,
                                       batch_size=3)
     draws = iter([d.numpy().reshape(3, -1) for d in seen])  # one chunk per draw: (N, features)
 

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..batching import default_batch_size, map_batches, on_forward_only
-from ..models.adapter import Classifier, as_classifier
+from ..models.adapter import Classifier, as_classifier, target_scores
 from ..targets import TargetLike, resolve_target
 from ..validation import check_choice, check_images
 
@@ -53,8 +53,7 @@ class Prepared:
 
     def scores(self, output: str = "logit") -> Tensor:
         """The explained score at the clean x (N,), from the logits already computed."""
-        values = self.logits.softmax(1) if output == "probability" else self.logits
-        return values.gather(1, self.targets.view(-1, 1)).squeeze(1).float()
+        return target_scores(self.logits, self.targets, output).float()
 
 
 def prepare(model: Any, x: Any, target: TargetLike, *, output: str = "logit", through: Any = None,
@@ -184,12 +183,6 @@ def take_recorded(runner: Any, x: Tensor) -> tuple[Tensor, Tensor] | None:
     return (clean.leaf, clean.logits) if same and _state(model) == clean.state else None
 
 
-def gathered(logits: Tensor, targets: Tensor, output: str = "logit") -> Tensor:
-    """The explained score (B,) from logits (B,K): as ``Classifier.score``."""
-    values = logits.softmax(1) if output == "probability" else logits
-    return values.gather(1, targets.reshape(-1, 1)).squeeze(1)
-
-
 def input_gradients(model: Classifier, x: Tensor, targets: Tensor, output: str = "logit") -> tuple[Tensor, Tensor]:
     """d score / d x for one batch. x: (B,C,H,W), targets: (B,). Returns (gradients (B,C,H,W), scores (B,)).
 
@@ -200,7 +193,7 @@ def input_gradients(model: Classifier, x: Tensor, targets: Tensor, output: str =
     clean = take_recorded(model, x)
     if clean is not None:
         leaf, logits = clean
-        scores = gathered(logits, targets, output)
+        scores = target_scores(logits, targets, output)
     else:
         leaf = fast_layout(model, x.detach()).detach().requires_grad_(True)
         scores = model.score(leaf, targets, output)

@@ -27,10 +27,10 @@ from torch import Tensor, nn
 
 from ..batching import map_batches
 from ..explanation import Explanation
-from ..models.adapter import Classifier
+from ..models.adapter import Classifier, target_scores
 from ..models.hooks import resolve_layer, tap, trace_layers
 from ..targets import TargetLike
-from ._autograd import Prepared, gathered, prepare, score_gradients, scores_over, take_recorded
+from ._autograd import Prepared, prepare, score_gradients, scores_over, take_recorded
 from .gradient import explanation
 from .registry import METHODS, get_method, register
 
@@ -246,7 +246,7 @@ def _gradient_cams(ctx: CamContext, combine: Combine, tapped: _TappedPass | None
     def step(start: int, stop: int) -> Tensor:
         recorded = None if tapped is None else take_recorded(tapped, p.x[start:stop])
         if recorded is not None:
-            scores = gathered(recorded[1], p.targets[start:stop], ctx.output)
+            scores = target_scores(recorded[1], p.targets[start:stop], ctx.output)
             acts = _picked(tapped.outputs, site)
             (grads,) = torch.autograd.grad(scores.sum(), [acts], allow_unused=True)
         else:

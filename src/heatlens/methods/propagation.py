@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 from ..baselines import BaselineLike, resolve_baseline
 from ..batching import map_batches
 from ..explanation import Explanation
-from ..models.adapter import Classifier
+from ..models.adapter import Classifier, target_scores
 from ..targets import TargetLike
 from ..validation import check_images, did_you_mean
 from ._autograd import Prepared, input_gradients, make_generator, prepare
@@ -525,11 +525,10 @@ class _RuleScorer:
             return self.model(x)
 
     def score(self, x: Tensor, targets: Tensor, output: str) -> Tensor:
-        with override_backward(self.rule, tuple(self.kinds), method=self.method):
-            return self.model.score(x, targets, output)
+        return target_scores(self(x), targets, output)
 
 
-def _modified_gradients(p: Prepared, scorer: _RuleScorer, method: str, output: str, batch_size: int | None) -> Tensor:
+def _modified_gradients(p: Prepared, scorer: _RuleScorer, output: str, batch_size: int | None) -> Tensor:
     """The gradient of the explained score with the scorer's rule at its activations, (N,C,H,W)."""
     grads = torch.empty_like(p.x)
 
@@ -537,7 +536,7 @@ def _modified_gradients(p: Prepared, scorer: _RuleScorer, method: str, output: s
         grads[start:stop] = input_gradients(scorer, p.x[start:stop], p.targets[start:stop], output)[0]  # type: ignore[arg-type]
 
     map_batches(step, p.x.shape[0], batch_size=batch_size, grad=True, model=p.model,
-                item_shape=p.model.input_size, consume=lambda *_: None, desc=method)
+                item_shape=p.model.input_size, consume=lambda *_: None, desc=scorer.method)
     return grads
 
 
@@ -555,7 +554,7 @@ def guided_backprop(
     """
     scorer = _RuleScorer(model, guided_rule, resolve_activations(activations, "guided_backprop"), "guided_backprop")
     p = prepare(model, x, target, output=output, through=scorer)
-    grads = _modified_gradients(p, scorer, "guided_backprop", output, batch_size)
+    grads = _modified_gradients(p, scorer, output, batch_size)
     return explanation(p, grads, "guided_backprop", {"activations": _describe(activations), "output": output})
 
 
@@ -569,7 +568,7 @@ def deconvnet(
     each chosen activation's derivative. activations: as ``guided_backprop``."""
     scorer = _RuleScorer(model, deconvnet_rule, resolve_activations(activations, "deconvnet"), "deconvnet")
     p = prepare(model, x, target, output=output, through=scorer)
-    grads = _modified_gradients(p, scorer, "deconvnet", output, batch_size)
+    grads = _modified_gradients(p, scorer, output, batch_size)
     return explanation(p, grads, "deconvnet", {"activations": _describe(activations), "output": output})
 
 

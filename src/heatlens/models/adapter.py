@@ -22,6 +22,16 @@ from .preprocessing import Preprocessing
 Output = Literal["logit", "probability"]
 
 
+def target_scores(logits: Tensor, targets: Tensor, output: Output = "logit") -> Tensor:
+    """The explained quantity (N,) from logits (N,K) already computed: the target's logit, or its
+    softmax probability (``Classifier.score`` without running the model)."""
+    if output == "probability":
+        logits = logits.softmax(1)
+    elif output != "logit":
+        check_choice(output, "output", ("logit", "probability"))
+    return logits.gather(1, targets.reshape(-1, 1)).squeeze(1)
+
+
 class Classifier(nn.Module):
     """A classifier heatlens can explain.
 
@@ -75,12 +85,7 @@ class Classifier(nn.Module):
 
     def score(self, x: Tensor, targets: Tensor, output: Output = "logit") -> Tensor:
         """The explained quantity (N,): the target's logit, or its softmax probability."""
-        logits = self(x)
-        if output == "probability":
-            logits = logits.softmax(1)
-        elif output != "logit":
-            check_choice(output, "output", ("logit", "probability"))
-        return logits.gather(1, targets.reshape(-1, 1)).squeeze(1)
+        return target_scores(self(x), targets, output)
 
     @property
     def differentiable(self) -> bool:

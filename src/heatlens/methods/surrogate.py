@@ -579,7 +579,7 @@ def constrained_least_squares(z: Tensor, y: Tensor, w: Tensor, f_empty: Tensor, 
     """argmin_phi sum_j w_j (f_empty + z_j . phi - y_j)^2 subject to sum(phi) = f_full - f_empty.
 
     z: (M,S) coalitions without the empty and full ones, y (M,), w (M,), float64. Solved through the
-    KKT system [[Z'WZ, 1], [1', 0]] [phi, mu] = [Z'W(y - f_empty), f_full - f_empty]; returns phi (S,).
+    KKT system ``[[Z'WZ, 1], [1', 0]] [phi, mu] = [Z'W(y - f_empty), f_full - f_empty]``; returns phi (S,).
     """
     s = z.shape[1] if z.dim() == 2 else 1
     delta = (f_full - f_empty).double()

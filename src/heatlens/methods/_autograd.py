@@ -8,7 +8,9 @@ w.r.t. tensors inside the model, such as a layer's activations);
 Two speed-ups live here, so that every method gets them (measured in ``benchmarks/bench_methods.py``):
 
 * ``fast_layout``: on CPU, images go to convolutional models channels-last (NHWC strides, same
-  values): oneDNN convolutions run ~1.3-1.5x faster that way.
+  values): oneDNN convolutions run ~1.3-1.5x faster that way. Only where proven safe: the first
+  time a model is seen, one probe runs it on both layouts; a model that fails channels-last (it
+  calls ``.view()`` on activations) or computes anything beyond rounding differently keeps NCHW for good.
 * the clean pass is reused: in a gradient method, when x fits in one gradient batch, ``prepare``
   runs its forward with autograd recording, and the first ``input_gradients`` call at exactly that
   x (same tensor, same model state) back-propagates through it instead of running the forward again.
@@ -53,7 +55,7 @@ class Prepared:
 
     def scores(self, output: str = "logit") -> Tensor:
         """The explained score at the clean x (N,), from the logits already computed."""
-        return target_scores(self.logits, self.targets, output).float()
+        return target_scores(self.logits, self.targets, output, binary=self.model.binary).float()
 
 
 def prepare(model: Any, x: Any, target: TargetLike, *, output: str = "logit", through: Any = None,
@@ -82,22 +84,49 @@ def prepare(model: Any, x: Any, target: TargetLike, *, output: str = "logit", th
 
 
 # --- channels-last inputs ---------------------------------------------------------------------------
-_convolutional: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+# Per net (weakly keyed, plain bools: forgotten with the net): may it take channels-last input?
+_channels_last_safe: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
 def fast_layout(model: Any, x: Tensor) -> Tensor:
-    """x (B,C,H,W) with channels-last strides when that makes ``model`` faster, else x itself.
+    """x (B,C,H,W) with channels-last strides when that makes ``model`` faster and is proven safe, else x.
 
     Only for CPU torch modules with 2-D convolutions taking NCHW input: oneDNN runs them ~1.3-1.5x
     faster on NHWC memory (DESIGN.md). The values are the same; gradients flow back through the copy.
+    Whether the layout is safe is decided once per net by ``channels_last_safe``.
     """
-    net = getattr(model, "net", None)
-    if x.dim() != 4 or x.device.type != "cpu" or net is None or getattr(model, "layout", "NCHW") != "NCHW":
+    clf = model if isinstance(model, Classifier) else getattr(model, "model", None)  # or a method's own pass
+    if not isinstance(clf, Classifier) or x.dim() != 4 or x.device.type != "cpu" or clf.net is None or clf.layout != "NCHW":
         return x
-    has_conv = _convolutional.get(net)
-    if has_conv is None:
-        has_conv = _convolutional[net] = any(isinstance(m, nn.Conv2d) for m in net.modules())
-    return x.contiguous(memory_format=torch.channels_last) if has_conv else x
+    safe = _channels_last_safe.get(clf.net)
+    if safe is None:
+        safe = _channels_last_safe[clf.net] = channels_last_safe(clf, x)
+    return x.contiguous(memory_format=torch.channels_last) if safe else x
+
+
+def channels_last_safe(model: Classifier, x: Tensor) -> bool:
+    """One probe: does ``model`` run channels-last input of x's shape and give the NCHW logits?
+
+    A model without 2-D convolutions gains nothing (False, no probe). Otherwise the first rows of x
+    (at most 2) run in both layouts, in eval mode, without gradients; an error (``.view()`` on a
+    channels-last activation) or a difference beyond rounding (rtol = atol relative to the output
+    scale = sqrt(eps) of the model's dtype, 3.5e-4 in float32) keeps NCHW. Why a probe: the layout
+    must never change what a model computes or whether it runs, and only running it can tell.
+    """
+    if not any(isinstance(m, nn.Conv2d) for m in model.net.modules()):
+        return False
+    probe = x[:2].detach()
+    from ..models.hooks import frozen
+
+    with frozen(model), torch.inference_mode():
+        reference = model(probe.contiguous()).double()
+        try:
+            fast = model(probe.contiguous(memory_format=torch.channels_last)).double()
+        except Exception:  # noqa: BLE001 - any failure means "not safe": the NCHW pass above ran fine
+            return False
+    tol = float(torch.finfo(model.dtype).eps) ** 0.5
+    scale = float(reference.abs().max()) if reference.numel() else 0.0
+    return bool(fast.shape == reference.shape and torch.allclose(fast, reference, rtol=tol, atol=tol * (1.0 + scale)))
 
 
 # --- the recorded clean pass ------------------------------------------------------------------------
@@ -193,7 +222,8 @@ def input_gradients(model: Classifier, x: Tensor, targets: Tensor, output: str =
     clean = take_recorded(model, x)
     if clean is not None:
         leaf, logits = clean
-        scores = target_scores(logits, targets, output)
+        clf = model if isinstance(model, Classifier) else model.model  # or a method's own pass (propagation)
+        scores = target_scores(logits, targets, output, binary=clf.binary)
     else:
         leaf = fast_layout(model, x.detach()).detach().requires_grad_(True)
         scores = model.score(leaf, targets, output)

@@ -273,7 +273,7 @@ def test_model_unchanged_after_an_error_inside_metrics_and_checks(entry):
 
 # --- 2. channels-last only where proven safe ------------------------------------------------------------
 def test_layout_probe_keeps_nchw_for_view_nets_and_uses_channels_last_where_safe():
-    from heatlens.methods._autograd import _channels_last_safe
+    from heatlens.models.adapter import _channels_last as _channels_last_safe
 
     view, cnn = ZOO["view_net"](), ZOO["residual"]()
     for z in (view, cnn):
@@ -297,7 +297,7 @@ class LayoutSensitive(nn.Module):
 
 
 def test_a_model_that_computes_differently_channels_last_keeps_nchw():
-    from heatlens.methods._autograd import _channels_last_safe
+    from heatlens.models.adapter import _channels_last as _channels_last_safe
 
     net = LayoutSensitive().eval()
     x = ZOO["view_net"]().x

@@ -24,7 +24,6 @@ Two speed-ups live here, so that every method gets them (measured in ``benchmark
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..batching import default_batch_size, map_batches, on_forward_only
-from ..models.adapter import Classifier, as_classifier, target_scores
+from ..models.adapter import Classifier, as_classifier, channels_last_safe, target_scores
 from ..targets import TargetLike, resolve_target
 from ..validation import check_choice, check_images
 
@@ -84,49 +83,17 @@ def prepare(model: Any, x: Any, target: TargetLike, *, output: str = "logit", th
 
 
 # --- channels-last inputs ---------------------------------------------------------------------------
-# Per net (weakly keyed, plain bools: forgotten with the net): may it take channels-last input?
-_channels_last_safe: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
-
-
 def fast_layout(model: Any, x: Tensor) -> Tensor:
     """x (B,C,H,W) with channels-last strides when that makes ``model`` faster and is proven safe, else x.
 
     Only for CPU torch modules with 2-D convolutions taking NCHW input: oneDNN runs them ~1.3-1.5x
     faster on NHWC memory (DESIGN.md). The values are the same; gradients flow back through the copy.
-    Whether the layout is safe is decided once per net by ``channels_last_safe``.
+    Whether the layout is safe is decided once per net by ``models.adapter.channels_last_safe``.
     """
     clf = model if isinstance(model, Classifier) else getattr(model, "model", None)  # or a method's own pass
     if not isinstance(clf, Classifier) or x.dim() != 4 or x.device.type != "cpu" or clf.net is None or clf.layout != "NCHW":
         return x
-    safe = _channels_last_safe.get(clf.net)
-    if safe is None:
-        safe = _channels_last_safe[clf.net] = channels_last_safe(clf, x)
-    return x.contiguous(memory_format=torch.channels_last) if safe else x
-
-
-def channels_last_safe(model: Classifier, x: Tensor) -> bool:
-    """One probe: does ``model`` run channels-last input of x's shape and give the NCHW logits?
-
-    A model without 2-D convolutions gains nothing (False, no probe). Otherwise the first rows of x
-    (at most 2) run in both layouts, in eval mode, without gradients; an error (``.view()`` on a
-    channels-last activation) or a difference beyond rounding (rtol = atol relative to the output
-    scale = sqrt(eps) of the model's dtype, 3.5e-4 in float32) keeps NCHW. Why a probe: the layout
-    must never change what a model computes or whether it runs, and only running it can tell.
-    """
-    if not any(isinstance(m, nn.Conv2d) for m in model.net.modules()):
-        return False
-    probe = x[:2].detach()
-    from ..models.hooks import frozen
-
-    with frozen(model), torch.inference_mode():
-        reference = model(probe.contiguous()).double()
-        try:
-            fast = model(probe.contiguous(memory_format=torch.channels_last)).double()
-        except Exception:  # noqa: BLE001 - any failure means "not safe": the NCHW pass above ran fine
-            return False
-    tol = float(torch.finfo(model.dtype).eps) ** 0.5
-    scale = float(reference.abs().max()) if reference.numel() else 0.0
-    return bool(fast.shape == reference.shape and torch.allclose(fast, reference, rtol=tol, atol=tol * (1.0 + scale)))
+    return x.contiguous(memory_format=torch.channels_last) if channels_last_safe(clf, x) else x
 
 
 # --- the recorded clean pass ------------------------------------------------------------------------

@@ -336,6 +336,7 @@ def _looks_like_probabilities(clf: Classifier) -> bool:
         # guard: eval mode (no BatchNorm update), every submodule's own mode restored, also on error
         with guard(clf), torch.inference_mode():
             logits = clf(probe)
+            channels_last_safe(clf, probe, logits)  # the layout probe on the same inputs, once per net
     finally:
         clf.outputs = saved
     clf._num_classes = int(logits.shape[1])
@@ -351,6 +352,45 @@ def _looks_like_probabilities(clf: Classifier) -> bool:
     eps = torch.finfo(clf.dtype).eps if clf.dtype.is_floating_point else 0.0
     atol = max(1e-4, 10 * eps)  # a bfloat16 softmax sums to 1 within a few of its ulps only
     return bool((out >= 0).all() and torch.allclose(out.sum(1), torch.ones(out.shape[0], device=out.device), atol=atol))
+
+
+# Per net (weakly keyed, plain bools: forgotten with the net): may it take channels-last input?
+_channels_last: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def channels_last_safe(model: Classifier, x: Tensor, reference: Tensor | None = None) -> bool:
+    """Does ``model`` run channels-last input like x and give its NCHW logits? Decided once per net.
+
+    A model without 2-D convolutions gains nothing (False, no probe). Otherwise the first rows of x
+    (at most 4) run in both layouts (``reference``: their NCHW logits when already computed), in
+    eval mode, without gradients; an error (``.view()`` on a channels-last activation) or a
+    difference beyond rounding (rtol = atol relative to the output scale = sqrt(eps) of the model's
+    dtype, 3.5e-4 in float32) keeps NCHW for good. Why a probe: the layout must never change what a
+    model computes or whether it runs, and only running it can tell. ``wrap`` probes with its
+    logits-vs-probabilities inputs, so explaining adds no forward.
+    """
+    net = model.net
+    if net is None or model.layout != "NCHW":
+        return False
+    known = _channels_last.get(net)
+    if known is not None:
+        return known
+    safe = False
+    if any(isinstance(m, nn.Conv2d) for m in net.modules()):
+        probe = x[:4].detach()
+        with guard(model), torch.inference_mode():
+            if reference is None:
+                reference = model(probe.contiguous())
+            try:
+                fast = model(probe.contiguous(memory_format=torch.channels_last))
+            except Exception:  # noqa: BLE001 - any failure means "not safe": the NCHW pass ran fine
+                fast = None
+        if fast is not None and fast.shape == reference.shape:
+            ref, fast = reference.double(), fast.double()
+            tol = float(torch.finfo(model.dtype).eps) ** 0.5
+            safe = bool(torch.allclose(fast, ref, rtol=tol, atol=tol * (1.0 + float(ref.abs().max()))))
+    _channels_last[net] = safe
+    return safe
 
 
 def _check_select(select: Select) -> Select:
@@ -416,6 +456,8 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def call(model: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if model is None:  # localisation and complexity metrics need no model
+            return fn(model, x, *args, **kwargs)
         clf = as_classifier(model, x)
         with guard(clf):
             return fn(clf, x, *args, **kwargs)

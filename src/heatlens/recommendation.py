@@ -533,6 +533,7 @@ def _faults(m: str, results: dict, faithful: list[str], fills: list[str], row: d
     faults = []
     if not row["vs_random"] > z * row["vs_random_sem"]:
         faults.append(key)
+    row["worse_than_random"] = bool(row["vs_random"] < -z * row["vs_random_sem"])
     for metric in ("insertion", "deletion"):
         if metric in faithful and key == "ins_minus_del":
             ours = torch.stack([results[(m, metric, f)].values for f in fills]).mean(0)
@@ -547,7 +548,7 @@ def _verdict(m: str, faults: list[str], row: dict, key: str) -> tuple[str | None
     if m == RANDOM:
         return None, "reference: a random map (chance level)"
     label = "insertion − deletion" if key == "ins_minus_del" else key
-    text = {key: f"no better than a random map on {label}",
+    text = {key: f"{'worse' if row.get('worse_than_random') else 'no better'} than a random map on {label}",
             "insertion": "no better than a random map on insertion",
             "deletion": "no better than a random map on deletion",
             "max_sensitivity": f"unstable: 2% input noise moves the map by {row.get('max_sensitivity', 0):.0%}",

@@ -166,3 +166,32 @@ def test_recommend_errors_name_the_argument(tiny_cnn, tiny_x):
         hl.recommend(tiny_cnn, tiny_x, ["saliency"], steps=0)
     with pytest.raises(ValueError, match="classes has 3 entries but x has 4 images"):
         recommend_per_class(tiny_cnn, tiny_x, [0, 1, 2])
+
+
+def test_cli_recommend_refuses_an_unknown_method_with_exit_2(tmp_path, capsys):
+    from PIL import Image
+
+    from heatlens.cli import main
+
+    path = tmp_path / "a.png"
+    Image.fromarray(hl.data.sample_images("coffee")[0]).save(path)
+    assert main(["recommend", str(path), "--method", "saliency,gradcm", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown method 'gradcm'" in err[0] and "'gradcam'" in err[0]
+
+
+@pytest.mark.slow
+def test_cli_recommend_prints_the_ranking_and_writes_the_report(tmp_path, capsys):
+    from PIL import Image
+
+    from heatlens.cli import main
+
+    for name, image in zip(("chelsea", "coffee"), hl.data.sample_images(["chelsea", "coffee"])):
+        Image.fromarray(image).save(tmp_path / f"{name}.png")
+    out = tmp_path / "out"
+    code = main(["recommend", str(tmp_path), "--method", "gradcam,saliency", "--metric", "insertion,deletion",
+                 "--check", "none", "--steps", "4", "--fills", "black", "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code in (0, 1) and "stability:" in printed and "gradcam" in printed
+    assert {p.name for p in out.iterdir()} == {"recommendation.html", "rank.png", "table.csv"}
+    assert "Which method to trust" in (out / "recommendation.html").read_text()

@@ -57,7 +57,7 @@ def test_guided_backprop_fails_model_randomisation_and_is_not_recommended(effnet
     assert row["tier"] == "not recommended"
     assert "fails model randomisation: shows edges, not the model" in effnet_rec.verdicts["guided_backprop"]
     assert effnet_rec.table.loc["gradcam", "model_randomization"] == "pass"
-    assert effnet_rec.best == "gradcam"
+    assert effnet_rec.best != "guided_backprop"
 
 
 @pytest.mark.slow
@@ -110,7 +110,7 @@ def test_recommend_leaves_the_model_alone_and_measures_cost(tiny_cnn, tiny_x):
     flags = [p.requires_grad for p in tiny_cnn.parameters()]
     hooks, training = hook_count(tiny_cnn), tiny_cnn.training
     rec = hl.recommend(tiny_cnn, tiny_x, ["saliency", "gradcam"], granularity=2, check_images=2,
-                       sensitivity_samples=2, **FAST)
+                       sensitivity_samples=2, randomization_steps=3, **FAST)
     assert all(torch.equal(state[k], v) for k, v in tiny_cnn.state_dict().items())
     assert [p.requires_grad for p in tiny_cnn.parameters()] == flags
     assert hook_count(tiny_cnn) == hooks and tiny_cnn.training == training

@@ -8,7 +8,8 @@ turns it into one ranked table with a plain-language verdict and a statement of 
   two fills of the perturbation metrics, with standard errors over the images and the paired
   advantage over the Random map (``heatlens.metrics.random_explanation``);
 * sanity checks on a few images: model randomisation (Adebayo et al., 2018) as a cascade over the
-  top ``randomization_steps`` blocks, random logit (Sixt et al., 2020), input invariance (Kindermans
+  top ``randomization_steps`` parameterised blocks (default 1: the output layer, the step at which
+  guided backprop's map stays identical while saliency's and Grad-CAM's change), random logit (Sixt et al., 2020), input invariance (Kindermans
   et al., 2019) where the model's first layer can absorb the shift;
 * robustness: max-sensitivity (Yeh et al., 2019) on the same few images;
 * cost: seconds per image of the explanation, measured in the run.
@@ -164,7 +165,7 @@ def recommend(
     granularity: int = 8,
     steps: int = 25,
     check_images: int = 4,
-    randomization_steps: int = 3,
+    randomization_steps: int = 1,
     sensitivity_samples: int = 3,
     n_random: int = 2,
     n_bootstrap: int = 1000,
@@ -242,7 +243,8 @@ def recommend(
                 seed=seed, batch_size=batch_size)
     rec = _assemble(list(bound), results, sanity, faithful, robust, list(check_fns), fills, seconds, z,
                     n_bootstrap, seed)
-    params = {"methods": list(bound), "metrics": metrics, "faithfulness": faithful, "robustness": robust, "checks": list(check_fns), "fills": list(fills),
+    params = {"methods": list(bound), "metrics": metrics, "faithfulness": faithful, "robustness": robust,
+              "checks": list(check_fns), "fills": list(fills),
               "granularity": granularity, "steps": steps, "check_images": pick.tolist(),
               "randomization_layers": cascade, "sensitivity_samples": sensitivity_samples, "n_random": n_random,
               "n_bootstrap": n_bootstrap, "z": z, "seed": seed, "n_images": n,
@@ -276,7 +278,9 @@ def recommend_per_class(
         if len(keys) != p.x.shape[0]:
             raise ValueError(f"classes has {len(keys)} entries but x has {p.x.shape[0]} images")
     labels = p.model.labels
-    name = lambda k: labels[k] if isinstance(k, int) and labels is not None and 0 <= k < len(labels) else str(k)  # noqa: E731
+    def name(k: Any) -> str:
+        return labels[k] if isinstance(k, int) and labels is not None and 0 <= k < len(labels) else str(k)
+
     groups: dict[Any, list[int]] = {}
     for i, k in enumerate(keys):
         groups.setdefault(k, []).append(i)

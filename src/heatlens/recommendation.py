@@ -533,30 +533,34 @@ def _assemble(names: list[str], results: dict, sanity: dict, faithful: list[str]
 
 def _faults(m: str, results: dict, faithful: list[str], fills: list[str], row: dict, key: str,
             z: float) -> list[str]:
-    """Faithfulness faults: the ranking score, insertion and deletion not better than the Random map."""
-    faults = []
-    if not row["vs_random"] > z * row["vs_random_sem"]:
-        faults.append(key)
-    row["worse_than_random"] = bool(row["vs_random"] < -z * row["vs_random_sem"])
+    """Faithfulness faults: the ranking score, insertion and deletion not better than the Random map.
+    Records in row["chance"] how each compares: "worse", "no better" (advantage within one standard
+    error) or "not clearly better" (within z standard errors)."""
+    row["chance"] = {}
+    advantages = {key: (row["vs_random"], row["vs_random_sem"])}
     for metric in ("insertion", "deletion"):
         if metric in faithful and key == "ins_minus_del":
             ours = torch.stack([results[(m, metric, f)].values for f in fills]).mean(0)
             chance = torch.stack([results[(RANDOM, metric, f)].values for f in fills]).mean(0)
             adv = ours - chance if metric == "insertion" else chance - ours
-            if not _mean(adv) > z * _sem(adv):
-                faults.append(metric)
+            advantages[metric] = (_mean(adv), _sem(adv))
+    faults = []
+    for name, (mean, sem) in advantages.items():
+        if mean > z * sem:
+            continue
+        faults.append(name)
+        row["chance"][name] = "worse" if mean < -z * sem else "no better" if mean <= sem else "not clearly better"
     return faults
 
 
 def _verdict(m: str, faults: list[str], row: dict, key: str) -> tuple[str | None, str]:
     if m == RANDOM:
         return None, "reference: a random map (chance level)"
-    label = "insertion − deletion" if key == "ins_minus_del" else key
-    text = {key: f"{'worse' if row.get('worse_than_random') else 'no better'} than a random map on {label}",
-            "insertion": "no better than a random map on insertion",
-            "deletion": "no better than a random map on deletion",
-            "max_sensitivity": f"unstable: 2% input noise moves the map by {row.get('max_sensitivity', 0):.0%}",
-            **FAILURES}
+    labels = {key: "insertion − deletion" if key == "ins_minus_del" else key, "insertion": "insertion",
+              "deletion": "deletion"}
+    text = {f: f"{row['chance'].get(f, 'no better')} than a random map on {label}" for f, label in labels.items()}
+    text["max_sensitivity"] = f"unstable: 2% input noise moves the map by {row.get('max_sensitivity', 0):.0%}"
+    text.update(FAILURES)
     if not faults:
         return TIERS[0], "trustworthy for this model"
     if key in faults:  # insertion and deletion alone add nothing once their difference fails

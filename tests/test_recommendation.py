@@ -30,7 +30,9 @@ def signed(name: str, signs: list[float]):
     def method(model, x, target="predicted", *, batch_size=None):
         e = input_x_gradient(model, x, target, batch_size=batch_size)
         s = torch.tensor(signs[: x.shape[0]], dtype=e.attributions.dtype).view(-1, 1, 1, 1)
-        return dataclasses.replace(e, attributions=e.attributions.sum(1, keepdim=True) * s, method=name)
+        # a per-location map (kept signed by the metrics); map_kind says so where Explanation records it
+        kind = {"map_kind": "location"} if "map_kind" in {f.name for f in dataclasses.fields(e)} else {}
+        return dataclasses.replace(e, attributions=e.attributions.sum(1, keepdim=True) * s, method=name, **kind)
 
     method.__name__ = name
     return method

@@ -75,6 +75,8 @@ class Classifier(nn.Module):
             return self._black_box(x)
         inp = x.permute(0, 2, 3, 1) if self.layout == "NHWC" else x
         out = self.net(inp)
+        if not isinstance(out, Tensor) and hasattr(out, "logits"):  # transformers ModelOutput
+            out = out.logits
         if isinstance(out, (tuple, list)):
             out = out[0]
         if out.dim() != 2:
@@ -170,6 +172,7 @@ def wrap(
     * a function ``numpy (N,C,H,W) float32 -> (N,K)`` (probabilities or logits, detected when
       ``outputs`` is None); works with every black-box method (occlusion, LIME, KernelSHAP, RISE, metrics).
     * a Keras 3 model (torch backend): layout and input_size default to the model's own (``models.keras``).
+    * a ``transformers`` image classifier: input size, labels and preprocessing from its config (``models.hf``).
     layout: ``"NCHW"`` (default) or ``"NHWC"``.
     """
     if isinstance(model, Classifier):
@@ -181,6 +184,12 @@ def wrap(
 
         return wrap_keras(model, input_size=input_size, labels=labels, preprocessing=preprocessing,
                           outputs=outputs, layout=layout, name=name)
+    from .hf import is_hf_model
+
+    if is_hf_model(model):  # transformers ...ForImageClassification: size, labels, preprocessing from its config
+        from .hf import wrap_hf
+
+        return wrap_hf(model, input_size=input_size, labels=labels, preprocessing=preprocessing, name=name)
     layout = layout or "NCHW"
     if input_size is None:
         raise ValueError("input_size is required: the (C,H,W) of one model input, e.g. input_size=(3, 224, 224)")

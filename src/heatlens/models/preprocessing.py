@@ -20,14 +20,16 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """size: (H, W) the model takes. resize: shorter side before the crop (None: resize straight to size).
-    mean / std: per-channel normalisation applied to [0, 1] pixels. channels: 3 for RGB, 1 for grey."""
+    """size: (H, W) the model takes. resize: shorter side before the crop, or an exact (H, W) before the
+    crop (None: resize straight to size). mean / std: per-channel normalisation applied to [0, 1] pixels.
+    channels: 3 for RGB, 1 for grey. resample: "bilinear" (default), "bicubic" or "nearest"."""
 
     size: tuple[int, int]
-    resize: int | None = None
+    resize: int | tuple[int, int] | None = None
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
     channels: int = 3
+    resample: str = "bilinear"
 
     def __call__(self, images: Any) -> Tensor:
         batch = to_unit_batch(images, self.channels)  # (N,C,h,w) in [0, 1]
@@ -58,19 +60,30 @@ class Preprocessing:
         h, w = self.size
         if self.resize is None:
             if tuple(batch.shape[-2:]) != (h, w):
-                batch = _resize(batch, (h, w))
+                batch = _resize(batch, (h, w), self.resample)
             return batch
         ih, iw = batch.shape[-2:]
-        scale = self.resize / min(ih, iw)
-        new = (max(h, round(ih * scale)), max(w, round(iw * scale)))
+        if isinstance(self.resize, int):
+            scale = self.resize / min(ih, iw)
+            new = (max(h, round(ih * scale)), max(w, round(iw * scale)))
+        else:  # an exact size, then the crop (Hugging Face processors with size {height, width} + crop_size)
+            new = (max(h, int(self.resize[0])), max(w, int(self.resize[1])))
         if new != (ih, iw):
-            batch = _resize(batch, new)
+            batch = _resize(batch, new, self.resample)
         top, left = (batch.shape[-2] - h) // 2, (batch.shape[-1] - w) // 2
         return batch[..., top : top + h, left : left + w]
 
 
-def _resize(batch: Tensor, size: tuple[int, int]) -> Tensor:
-    return F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+RESAMPLE = ("bilinear", "bicubic", "nearest")
+
+
+def _resize(batch: Tensor, size: tuple[int, int], resample: str = "bilinear") -> Tensor:
+    if resample not in RESAMPLE:
+        raise ValueError(f"resample must be one of {', '.join(RESAMPLE)}, got {resample!r}")
+    if resample == "nearest":  # no antialiasing for nearest (as PIL's NEAREST)
+        return F.interpolate(batch, size=size, mode="nearest-exact")
+    # antialias=True filters when shrinking, as PIL does: the Hugging Face processors resize with PIL
+    return F.interpolate(batch, size=size, mode=resample, align_corners=False, antialias=True).clamp(0, 1)
 
 
 def load_image(path: str | Path) -> np.ndarray:

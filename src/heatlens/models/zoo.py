@@ -226,6 +226,10 @@ def _looks_like_path(name_or_path: str | os.PathLike) -> bool:
 def _load_file(path: Path, device: str | torch.device | None) -> Classifier:
     if not path.exists():
         raise FileNotFoundError(f"model file {str(path)!r} does not exist")
+    if path.is_dir() and (path / "config.json").is_file():  # a Hugging Face save_pretrained folder
+        from .hf import load_hf
+
+        return load_hf(path, device)
     if path.suffix.lower() != ".keras":
         raise ValueError(
             f"cannot load model file {str(path)!r}: load_model reads Keras 3 '.keras' files and zoo names "

@@ -92,6 +92,13 @@ class Layout:
             maps = torch.roll(maps, shifts=(self.shift, self.shift), dims=(2, 3))
         return maps[:, :, :h, :w]
 
+    def take(self, out: Tensor, images: Tensor) -> Tensor:
+        """The rows of ``out`` (B,...) that belong to ``images`` (M,): all their windows for "windows"."""
+        if self.kind != "windows":
+            return out[images]
+        n_win = -(-self.grid[0] // self.window) * -(-self.grid[1] // self.window)
+        return out.view(-1, n_win, *out.shape[1:])[images].flatten(0, 1)
+
     def zero_channel(self, out: Tensor, channels: Tensor) -> Tensor:
         """A copy of ``out`` with channel ``channels[b]`` of row b zeroed (patch tokens only for tokens);
         rows with a negative entry are left whole."""
@@ -465,7 +472,7 @@ def _ablated_scores(ctx: CamContext, k: int) -> Tensor:
         channels = torch.where(channels == k, -1, channels)
 
         def ablate(call: int, out: Tensor) -> Tensor:
-            return lay.zero_channel(native[img], channels) if call == site.call else out
+            return lay.zero_channel(lay.take(native, img), channels) if call == site.call else out
 
         with tap(site.module, root=p.model, edit=ablate):
             return p.model.score(p.x[img], p.targets[img], ctx.output).float()

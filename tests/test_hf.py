@@ -143,6 +143,7 @@ def test_cams_drop_class_distillation_and_register_tokens(kind, layer):
     assert torch.allclose(e.attributions, _manual_hirescam(net, clf, x, targets, layer), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_every_cam_finds_a_layer_on_each_transformer():
     for kind in ("vit", "deit", "registers", "swin"):
         clf = hl.wrap(_build(kind))
@@ -304,3 +305,83 @@ def test_batched_like_rows_one_by_one():
         together = hl.explain(clf, x, name, target=1, batch_size=3).attributions
         alone = torch.cat([hl.explain(clf, x[i:i + 1], name, target=1).attributions for i in range(3)])
         assert torch.allclose(together, alone, atol=1e-6)
+
+
+# --- the model-zoo contract on transformers: every method, metric and sanity check ------------------
+from test_contracts import _kwargs  # noqa: E402  (the same fast settings as the CNN contract)
+
+ZOO = ("vit", "deit", "swin")
+METRIC_ZOO = ("deit", "swin")  # the ViT is DeiT without its distillation token
+_MODELS: dict = {}
+
+
+def _zoo(kind: str):
+    if kind not in _MODELS:
+        _MODELS[kind] = hl.wrap(_build(kind))
+    return _MODELS[kind]
+
+
+def _refuses(kind: str, name: str) -> bool:
+    return kind == "swin" and METHODS.get(name).meta.get("family") == "transformer"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ZOO)
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_method_runs_on_the_transformer_and_leaves_it_as_it_was(kind, name):
+    clf, x = _zoo(kind), _x(2)
+    clf.net.train()  # a model left in train mode must come back in train mode
+    before = {k: v.clone() for k, v in clf.net.state_dict().items()}
+    try:
+        if _refuses(kind, name):
+            with pytest.raises(TypeError, match="no global self-attention layer"):
+                hl.explain(clf, x, name, **_kwargs(name, x))
+            return
+        e = hl.explain(clf, x, name, **_kwargs(name, x))
+    finally:
+        training = clf.net.training and all(m.training for m in clf.net.modules())
+        clf.net.eval()
+    assert training and hook_count(clf) == 0 and clf.net.config._attn_implementation == "sdpa"
+    assert all(torch.equal(before[k], v) for k, v in clf.net.state_dict().items())
+    a = e.attributions
+    assert a.shape[0] == 2 and (a.shape[1:] == x.shape[1:] or a.shape[1] == 1) and bool(torch.isfinite(a).all())
+    assert e.maps().shape == (2, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(e.targets, clf(x).argmax(1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", METRIC_ZOO)
+def test_every_metric_scores_a_transformer_explanation(kind):
+    from heatlens.metrics import METRICS
+
+    clf, x = _zoo(kind), _x(2)
+    e = hl.methods.integrated_gradients(clf, x, steps=8)  # input-shaped, so completeness applies too
+    mask = torch.zeros(2, 32, 32, dtype=torch.bool)
+    mask[:, 8:20, 8:20] = True
+    options = {"mask": mask, "steps": 8, "n_samples": 4, "n_perturbations": 4}
+    results = hl.evaluate(clf, x, e, METRICS.names(), **options)
+    assert set(results) == set(METRICS.names())
+    for name, r in results.items():
+        assert r.values.shape == (2,) and bool(torch.isfinite(torch.as_tensor(r.values)).all()), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ZOO)
+@pytest.mark.parametrize("method", ["saliency", "gradcam", "attention_rollout", "attention_relevance"])
+def test_every_sanity_check_runs_on_a_transformer(kind, method):
+    from heatlens.sanity import CHECKS
+
+    if _refuses(kind, method):
+        pytest.skip("Swin has no global attention (refusal tested above)")
+    clf, x = _zoo(kind), _x(2)
+    settings = {"model_randomization": {"layers": [_top_block(kind)], "similarity": "spearman"},
+                "random_logit": {"similarity": "spearman"}, "fragility": {"n_trials": 2}, "input_invariance": {}}
+    for check in CHECKS.names():
+        result = CHECKS.get(check).fn(clf, x, method, **settings.get(check, {}))
+        assert isinstance(result.passed, bool) and result.table, check
+    assert hook_count(clf) == 0
+
+
+def _top_block(kind: str) -> str:
+    return {"vit": "vit.layers.1", "deit": "deit.layers.1", "swin": "swin.encoder.layers.1"}[kind]

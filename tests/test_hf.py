@@ -385,3 +385,23 @@ def test_every_sanity_check_runs_on_a_transformer(kind, method):
 
 def _top_block(kind: str) -> str:
     return {"vit": "vit.layers.1", "deit": "deit.layers.1", "swin": "swin.encoder.layers.1"}[kind]
+
+
+# --- a ViT trained on the marker shortcut: the debugging story on a transformer -------------------
+@pytest.mark.slow
+def test_the_story_finds_the_marker_shortcut_in_a_trained_vit():
+    from heatlens import debug
+    from heatlens.sanity import model_randomization, random_logit
+
+    train = debug.digit_sum_dataset("train", shortcut="marker", n=3000)
+    test = debug.digit_sum_dataset("test", shortcut="marker", n=600)
+    run = debug.train_classifier("tiny_vit", train, epochs=16, lr=3e-3, test=test, progress=False)
+    assert run.train_acc > 0.95 and run.test_acc < 0.3  # it learnt the shortcut, not the sums
+    assert type(run.model.net).__name__ == "ViTForImageClassification" and run.model.labels[10] == "10"
+    report = debug.detect_shortcut(run.model, train, test, methods=["attention_rollout", "attention_relevance"],
+                                   n_images=8)
+    assert report.detected and report.behaviour["follow_rate"] > 0.6 and not report.skipped
+    x = train.x[:8]
+    # rollout is class-agnostic by construction: a random other class gets the very same map
+    assert random_logit(run.model, x, "attention_rollout", similarity="spearman").table[0]["spearman"] == pytest.approx(1.0)
+    assert model_randomization(run.model, x, "attention_relevance", similarity="spearman").passed

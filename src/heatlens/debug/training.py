@@ -97,7 +97,26 @@ def gap_cnn(num_classes: int = NUM_CLASSES, *, width: int = 16, seed: int = 0) -
     return _seeded(net, seed)
 
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"seed_cnn": seed_cnn, "conv_net": conv_net, "gap_cnn": gap_cnn}
+def tiny_vit(num_classes: int = NUM_CLASSES, *, seed: int = 0) -> nn.Module:
+    """A small Hugging Face ``ViTForImageClassification`` for (N,3,28,56) digit sums, randomly initialised
+    under ``seed``: 7x7 patches (a 4x8 grid + class token), width 32, 2 layers of 2 heads (needs transformers).
+    Wrapped by ``heatlens.wrap`` (labels "0".."num_classes-1"), so it trains with ``train_classifier``."""
+    check_positive_int(num_classes, "num_classes", minimum=2)
+    try:
+        from transformers import ViTConfig, ViTForImageClassification
+    except ImportError:
+        raise ImportError("tiny_vit needs transformers: pip install 'heatlens[hf]'") from None
+    config = ViTConfig(image_size=(HEIGHT, WIDTH), patch_size=7, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=64, num_labels=num_classes,
+                       id2label={i: str(i) for i in range(num_classes)})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ViTForImageClassification(config)
+    return wrap(net.eval())
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"seed_cnn": seed_cnn, "conv_net": conv_net, "gap_cnn": gap_cnn,
+                                                      "tiny_vit": tiny_vit}
 
 
 @dataclass
@@ -162,7 +181,8 @@ def train_classifier(
 ) -> TrainResult:
     """Train ``model`` on ``train`` with Adam and cross-entropy on logits (the R255 recipe).
 
-    model: an ``nn.Module`` (trained in place) or an architecture name ("seed_cnn", "conv_net", "gap_cnn").
+    model: an ``nn.Module`` or ``Classifier`` (trained in place; a Classifier, e.g. ``heatlens.wrap(hf_vit)``,
+    keeps its own labels) or an architecture name ("seed_cnn", "conv_net", "gap_cnn").
     val_fraction: the last part of a seeded shuffle is held out for validation (Keras' validation_split).
     seed: fixes the split, the batch order and (for names) the initial weights: same seed, same model.
     progress: print one line per epoch (None: follow ``heatlens.batching``'s progress setting).
@@ -219,7 +239,7 @@ def _as_network(model: nn.Module | str, seed: int) -> nn.Module:
     if isinstance(model, Classifier):
         if model.net is None:
             raise TypeError("model is a black-box predict function; train_classifier needs an nn.Module")
-        return model.net
+        return model  # its forward gives logits for any wrapped module (Hugging Face outputs, NHWC Keras)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module or an architecture name, got {type(model).__name__}")
     return model

@@ -276,14 +276,14 @@ def test_transformer_methods_leave_an_sdpa_model_as_it_was():
     net = _build("vit").train()
     assert net.config._attn_implementation == "sdpa"
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    for name in ("attention_rollout", "attention_relevance"):
+    for name in ("attention_rollout", "attention_relevance", "legrad"):
         hl.explain(hl.wrap(net), _x(2), name)
     assert net.config._attn_implementation == "sdpa" and net.training and hook_count(net) == 0
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert all(p.grad is None and p.requires_grad for p in net.parameters())
 
 
-@pytest.mark.parametrize("name", ["attention_rollout", "attention_relevance"])
+@pytest.mark.parametrize("name", ["attention_rollout", "attention_relevance", "legrad"])
 def test_transformer_methods_refuse_models_without_global_attention(name):
     with pytest.raises(TypeError, match="Swin's windowed attention is not one\\): use a CAM method such as gradcam"):
         hl.explain(hl.wrap(_build("swin")), _x(2), name)
@@ -301,7 +301,7 @@ def test_bad_rollout_options_are_refused_by_name():
 
 def test_batched_like_rows_one_by_one():
     clf, x = hl.wrap(_build("deit")), _x(3)
-    for name in ("attention_rollout", "attention_relevance"):
+    for name in ("attention_rollout", "attention_relevance", "legrad"):
         together = hl.explain(clf, x, name, target=1, batch_size=3).attributions
         alone = torch.cat([hl.explain(clf, x[i:i + 1], name, target=1).attributions for i in range(3)])
         assert torch.allclose(together, alone, atol=1e-6)
@@ -405,3 +405,29 @@ def test_the_story_finds_the_marker_shortcut_in_a_trained_vit():
     # rollout is class-agnostic by construction: a random other class gets the very same map
     assert random_logit(run.model, x, "attention_rollout", similarity="spearman").table[0]["spearman"] == pytest.approx(1.0)
     assert model_randomization(run.model, x, "attention_relevance", similarity="spearman").passed
+
+
+def test_legrad_matches_the_formula_on_a_tiny_vit():
+    """LeGrad: the head (final norm + classifier on the class token) applied to each of the last two
+    layers' tokens; positive gradients w.r.t. that layer's attention, averaged over heads and queries."""
+    net = _build("vit", num_hidden_layers=3)
+    clf, x, targets = hl.wrap(net), _x(), torch.tensor([1, 3, 0])
+    net.set_attn_implementation("eager")
+    try:
+        out = net(pixel_values=x.clone().requires_grad_(True), output_attentions=True, output_hidden_states=True)
+    finally:
+        net.set_attn_implementation("sdpa")
+    offset = len(out.hidden_states) - 3  # the embeddings come first
+    total = torch.zeros(3, 17, dtype=torch.float64)
+    for layer in (1, 2):
+        head = net.classifier(net.vit.layernorm(out.hidden_states[layer + offset])[:, 0])
+        (grad,) = torch.autograd.grad(head.gather(1, targets[:, None]).sum(), out.attentions[layer], retain_graph=True)
+        total += grad.clamp(min=0).mean((1, 2)).double()
+    e = hl.methods.legrad(clf, x, targets)
+    assert e.attributions.shape == (3, 1, 4, 4) and float(e.attributions.max()) > 0
+    assert torch.allclose(e.attributions.double(), total[:, 1:].reshape(3, 1, 4, 4), rtol=1e-5, atol=1e-9)
+    # all layers, and the last layer only: the sum grows with the layers it covers
+    every = hl.methods.legrad(clf, x, targets, layer_index=0).attributions
+    assert bool((every >= e.attributions - 1e-9).all())
+    with pytest.raises(ValueError, match=r"layer_index must be an int in \[-3, 3\), got 3"):
+        hl.methods.legrad(clf, x, targets, layer_index=3)

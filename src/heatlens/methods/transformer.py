@@ -7,7 +7,11 @@ Explainability", ICCV 2021, the gradient rule of their CVPR 2021 line of work) w
 attention map by the gradient of the explained score: with R = I and, layer by layer from the input,
 ``A_bar = mean_heads((dS/dA * A)^+)``, ``R <- R + A_bar @ R``.
 
-Both return (N,1,h,w) on the patch grid: the class token's row of the final matrix (the mean of all
+``legrad`` (Bousselham et al., 2024) reads every chosen layer's tokens through the model's own head
+(final layer norm + classifier, a logit lens): S_l = target score of the head applied to layer l's
+output, and sums over layers ``mean_heads,queries (dS_l/dA_l)^+``, A_l that layer's attention.
+
+All three return (N,1,h,w) on the patch grid: the class token's row of the final matrix (the mean of all
 rows for models without a class token), leading non-patch tokens (class, distillation, registers)
 dropped; ``.maps()`` upsamples bilinearly. ``extras["tokens"]`` (N,T) keeps that whole row.
 
@@ -15,16 +19,17 @@ Attention probabilities are read from Hugging Face ViT-style models (``heatlens.
 ViT, DeiT, DINOv2 with or without registers, BEiT, ...) through hooks on their attention layers,
 with eager attention switched on for the call (``models.hf.eager_attention``), so models loaded
 with the default ``sdpa`` attention work too. Swin's windowed attention is refused: it is not
-global self-attention (use a CAM there). A LeGrad- or LRP-style method is not provided yet.
+global self-attention (use a CAM there). LRP for transformers is not provided.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..batching import map_batches
 from ..explanation import Explanation
@@ -38,7 +43,7 @@ from .cam import token_layout
 from .gradient import explanation
 from .registry import register
 
-__all__ = ["attention_rollout", "attention_relevance", "rollout", "chefer_relevance", "recording_attention"]
+__all__ = ["attention_rollout", "attention_relevance", "legrad", "rollout", "chefer_relevance", "recording_attention"]
 
 HEAD_FUSIONS = ("mean", "max", "min")
 
@@ -91,11 +96,8 @@ def chefer_relevance(attentions: Sequence[Tensor], gradients: Sequence[Tensor]) 
 
 
 # --- reading attention from the model --------------------------------------------------------------
-@contextmanager
-def recording_attention(model: Classifier) -> Iterator[list[Tensor]]:
-    """The attention probabilities (B,H,T,T) of every self-attention layer in the latest forward of
-    ``model`` inside the block, in call order (in the autograd graph when the forward records one).
-    Eager attention is on inside the block; hooks and the attention setting are restored after."""
+def _attention_layers(model: Classifier) -> list[tuple[str, nn.Module]]:
+    """The model's self-attention layers; TypeError naming a CAM instead when it has none."""
     net = model.net
     layers = attention_layers(net) if net is not None else []
     if not layers:
@@ -105,6 +107,15 @@ def recording_attention(model: Classifier) -> Iterator[list[Tensor]]:
             f"(ViT, DeiT, DINOv2, BEiT: heatlens.wrap(hf_model)); {kind} has no global self-attention layer "
             "they can read (Swin's windowed attention is not one): use a CAM method such as gradcam"
         )
+    return layers
+
+
+@contextmanager
+def recording_attention(model: Classifier) -> Iterator[list[Tensor]]:
+    """The attention probabilities (B,H,T,T) of every self-attention layer in the latest forward of
+    ``model`` inside the block, in call order (in the autograd graph when the forward records one).
+    Eager attention is on inside the block; hooks and the attention setting are restored after."""
+    net, layers = model.net, _attention_layers(model)
     seen: list[Tensor] = []
 
     def on_root(_mod: object, _inp: object) -> None:
@@ -193,3 +204,72 @@ def attention_relevance(
     maps, rows = map_batches(step, p.x.shape[0], batch_size=batch_size, grad=True, model=p.model,
                              item_shape=p.model.input_size, desc="attention_relevance")
     return explanation(p, maps.to(p.x.dtype), "attention_relevance", {"output": output}, {"tokens": rows})
+
+
+# --- LeGrad: each layer's tokens through the model's head -------------------------------------------
+def _lens_parts(model: Classifier) -> tuple[list[nn.Module], nn.Module]:
+    """The encoder layers (in order) and the final layer norm the head reads, of a Hugging Face ViT-style
+    model (``_can_record_outputs["hidden_states"]`` and ``<base model>.layernorm``)."""
+    net = model.net
+    records = getattr(type(net), "_can_record_outputs", None) or {}
+    spec = records.get("hidden_states")
+    target = getattr(spec, "target_class", spec)
+    base = getattr(net, getattr(net, "base_model_prefix", ""), None)
+    norm = getattr(base, "layernorm", None)
+    layers = [m for m in net.modules() if isinstance(target, type) and isinstance(m, target)]
+    if not layers or not isinstance(norm, nn.Module) or isinstance(norm, nn.Identity):
+        raise TypeError(f"legrad applies the head of a Hugging Face ViT-style model to every layer's tokens; "
+                        f"{type(net).__name__} has no encoder layers and final layernorm it can find")
+    return layers, norm
+
+
+@contextmanager
+def _through_head(layer: nn.Module, norm: nn.Module) -> Iterator[None]:
+    """Inside the block the final norm (and so the head) reads ``layer``'s output instead of the last layer's."""
+    seen: dict[str, Tensor] = {}
+
+    def keep(_mod: nn.Module, _inp: Any, out: Any) -> None:
+        seen["tokens"] = out[0] if isinstance(out, (tuple, list)) else out
+
+    def swap(_mod: nn.Module, inp: tuple) -> tuple:
+        return (seen["tokens"], *inp[1:])
+
+    with _hooks_registered() as handles:
+        handles.append(layer.register_forward_hook(keep))
+        handles.append(norm.register_forward_pre_hook(swap))
+        yield
+
+
+@register("legrad", family="transformer", needs_grad=True,
+          description="LeGrad: positive gradients of each layer's logit-lens score w.r.t. its attention (Bousselham et al., 2024)")
+def legrad(
+    model: Classifier, x: Tensor, target: TargetLike = "predicted", *,
+    layer_index: int = -2, output: str = "logit", batch_size: int | None = None,
+) -> Explanation:
+    """LeGrad (Bousselham et al., 2024): attributions (N,1,h,w), non-negative, summed over layers
+    ``layer_index`` .. last (negative: counted from the end; -2, the authors' default, is the last two).
+    Per layer one forward + backward in which the head reads that layer's tokens. Raw sums: the
+    authors' min-max scaling is a view (``Explanation.normalize()``)."""
+    p = prepare(model, x, target, output=output, record=False)
+    _attention_layers(p.model)
+    layers, norm = _lens_parts(p.model)
+    if isinstance(layer_index, bool) or not isinstance(layer_index, int) or not -len(layers) <= layer_index < len(layers):
+        raise ValueError(f"layer_index must be an int in [{-len(layers)}, {len(layers)}), got {layer_index!r}")
+    chosen = range(layer_index % len(layers), len(layers))
+
+    def step(start: int, stop: int) -> tuple[Tensor, Tensor]:
+        xb = p.x[start:stop].detach().requires_grad_(True)
+        total = None
+        for depth in chosen:  # a loop over layers: each needs its own pass with the head moved there
+            with recording_attention(p.model) as seen, _through_head(layers[depth], norm):
+                (grad,), _ = score_gradients(p.model, xb, p.targets[start:stop],
+                                             lambda: [_checked(seen, stop - start)[depth]], output)
+            grad = torch.zeros_like(seen[depth]) if grad is None else grad
+            part = grad.double().clamp_min(0).mean((1, 2))  # (B,T): mean over heads and query tokens
+            total = part if total is None else total + part
+        return _token_maps(p.model, total[:, None, :])
+
+    maps, rows = map_batches(step, p.x.shape[0], batch_size=batch_size, grad=True, model=p.model,
+                             item_shape=p.model.input_size, desc="legrad")
+    return explanation(p, maps.to(p.x.dtype), "legrad", {"layer_index": layer_index, "output": output},
+                       {"tokens": rows})

@@ -17,7 +17,7 @@ from heatlens import debug
 from heatlens.sanity import model_randomization, random_logit
 from heatlens.viz import explanation_grid, save_png
 
-METHODS = ("saliency", "gradcam", "attention_rollout", "attention_relevance")
+METHODS = ("saliency", "gradcam", "attention_rollout", "attention_relevance", "legrad")
 
 
 def main() -> None:

@@ -396,7 +396,7 @@ def test_the_story_finds_the_marker_shortcut_in_a_trained_vit():
     train = debug.digit_sum_dataset("train", shortcut="marker", n=3000)
     test = debug.digit_sum_dataset("test", shortcut="marker", n=600)
     run = debug.train_classifier("tiny_vit", train, epochs=16, lr=3e-3, test=test, progress=False)
-    assert run.train_acc > 0.95 and run.test_acc < 0.3  # it learnt the shortcut, not the sums
+    assert run.train_acc > 0.85 and run.test_acc < 0.3  # it learnt the shortcut, not the sums (99.8% / 14.7% in the docs run)
     assert type(run.model.net).__name__ == "ViTForImageClassification" and run.model.labels[10] == "10"
     report = debug.detect_shortcut(run.model, train, test, methods=["attention_rollout", "attention_relevance"],
                                    n_images=8)

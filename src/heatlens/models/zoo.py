@@ -199,7 +199,8 @@ def available_models() -> dict[str, str]:
 
 def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device | None = None,
                dtype: torch.dtype | None = None) -> Classifier:
-    """A pretrained model by zoo name (``available_models()``) or a Keras 3 ``.keras`` file -> Classifier.
+    """A pretrained model by zoo name (``available_models()``), a Keras 3 ``.keras`` file or a Hugging Face
+    ``save_pretrained`` folder (config.json + weights [+ preprocessor_config.json], loaded offline) -> Classifier.
 
     device: where to put a zoo model (default CPU). dtype: a floating dtype for a zoo model's weights
     (e.g. ``torch.bfloat16``; default float32): inputs are cast to it (docs/models.md). Keras places its models itself (its

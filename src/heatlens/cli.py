@@ -68,7 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     model_args = argparse.ArgumentParser(add_help=False)
     model_args.add_argument("images", nargs="+", help="image files or folders of images")
     model_args.add_argument("--model", default="efficientnet-lite0",
-                            help="a zoo model name or a Keras 3 .keras file (default efficientnet-lite0)")
+                            help="a zoo name ('heatlens models'), a Keras 3 .keras file, a torch.export .pt2 file, "
+                                 "or package.module:function returning an nn.Module (default efficientnet-lite0)")
+    model_args.add_argument("--weights", default=None,
+                            help="a state dict (torch.save(net.state_dict(), FILE)) for a .pt2 or "
+                                 "package.module:function model, read with torch.load(weights_only=True)")
+    model_args.add_argument("--input-size", default=None, type=_input_size, metavar="C,H,W",
+                            help="input size of a package.module:function model that does not say, e.g. 3,224,224")
     model_args.add_argument("--target", default="predicted",
                             help="'predicted', a class index or a class name (default predicted)")
 
@@ -269,7 +275,11 @@ def _check_methods(methods: Sequence[str]) -> None:
 def _load_model(args: argparse.Namespace):
     from .models import load_model
 
-    model = load_model(args.model)
+    # a console script does not put the working folder on sys.path; 'mymodels:build' is looked up there
+    # first, as ``python -m`` would
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    model = load_model(args.model, weights=args.weights, input_size=args.input_size)
     return model.to(args.device)
 
 
@@ -280,6 +290,13 @@ def _method_options(method: str, args: argparse.Namespace) -> dict[str, Any]:
     if METHODS.get(method).meta.get("stochastic"):
         options["seed"] = args.seed
     return options
+
+
+def _input_size(text: str) -> tuple[int, int, int]:
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected C,H,W as three positive integers, e.g. 3,224,224, got {text!r}")
+    return tuple(int(p) for p in parts)  # type: ignore[return-value]
 
 
 def _target(text: str) -> Any:

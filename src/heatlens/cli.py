@@ -445,13 +445,15 @@ def unique_names(paths: Sequence[Path]) -> list[str]:
         folders = [part for part in p.parent.relative_to(common).parts]
         return "-".join([*folders, p.stem] + ([ext] if ext else []))
 
-    names = []
-    for p in resolved:
+    distinct = list(dict.fromkeys(resolved))  # a file given twice is one file here; the counter separates it
+    chosen = {}
+    for p in distinct:
         for k in range(3):
             mine = level(p, k)
-            if sum(level(q, k) == mine for q in resolved) == 1:
+            if sum(level(q, k) == mine for q in distinct) == 1:
                 break
-        names.append(mine)
+        chosen[p] = mine
+    names = [chosen[p] for p in resolved]
     seen: dict[str, int] = {}
     for i, n in enumerate(names):
         seen[n] = seen.get(n, 0) + 1
@@ -484,7 +486,7 @@ def _preprocess(model, paths: Sequence[Path]):
 
     x = model.preprocess([str(p) for p in paths])
     for p, image in zip(paths, model.deprocess(x)):
-        if float(np.ptp(image)) == 0.0:
+        if float(np.ptp(image)) < 1 / 512:  # under half a grey level: resizing leaves float dust
             print(f"heatlens: warning: {p} is a constant image (every pixel {image.reshape(-1)[0]:.3g}); "
                   "its explanation says nothing", file=sys.stderr)
     return x

@@ -18,6 +18,7 @@ from ..explanation import Explanation, MetricResult
 from ..methods._autograd import make_generator, prepare
 from ..methods.gradient import explanation as package
 from ..methods.registry import get_method, method_info
+from ..models.adapter import guarded
 from . import evaluate
 
 
@@ -89,6 +90,7 @@ class Comparison:
         return self.to_text()
 
 
+@guarded  # one guarded scope for all its explanations and scores (models.adapter.guarded)
 def compare(
     model: Any,
     x: Tensor,

@@ -201,7 +201,8 @@ def available_models() -> dict[str, str]:
 
 
 def load_model(spec: str | os.PathLike, *, weights: str | os.PathLike | None = None,
-               device: str | torch.device | None = None, input_size: Sequence[int] | None = None) -> Classifier:
+               device: str | torch.device | None = None, input_size: Sequence[int] | None = None,
+               dtype: torch.dtype | None = None) -> Classifier:
     """A model by zoo name, file or factory -> Classifier.
 
     spec: a zoo name (``available_models()``); a Keras 3 ``.keras`` file; a ``torch.export`` program
@@ -210,6 +211,8 @@ def load_model(spec: str | os.PathLike, *, weights: str | os.PathLike | None = N
     ``torch.load(weights, weights_only=True)``. input_size: (C,H,W) for a factory's bare module (a
     ``.pt2`` reads it from its example input). device: where to put the model (default CPU); Keras
     places its models itself (``KERAS_TORCH_DEVICE``), so a different ``device`` for a Keras file is refused.
+    dtype: a floating dtype for a zoo model's weights (e.g. ``torch.bfloat16``; default float32):
+    inputs are cast to it (docs/models.md).
     Unknown names raise ``ValueError`` with the closest zoo names; a missing file ``FileNotFoundError``.
     """
     if not isinstance(spec, (str, os.PathLike)):
@@ -222,7 +225,9 @@ def load_model(spec: str | os.PathLike, *, weights: str | os.PathLike | None = N
         if weights is not None:
             raise ValueError(f"weights= is for PyTorch models given by file or factory; the zoo model {text!r} "
                              "ships its own")
-        return ZOO[text].build().to(torch.device(device) if device is not None else "cpu")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
+        return ZOO[text].build().to(torch.device(device) if device is not None else "cpu", dtype)
     if isinstance(spec, str) and is_factory(text):
         return _placed(load_factory(text, weights=weights, input_size=input_size), device)
     if _looks_like_path(spec):

@@ -148,7 +148,8 @@ def paths_source(paths: Sequence[Path], *, labels: Sequence[int] | None = None,
     labels_t = tuple(labels) if labels is not None else None
 
     def read(i: int) -> tuple[Any, int | None]:
-        return load_image(text[i]), (labels_t[i] if labels_t is not None else None)
+        # a writable copy: torch warns on the read-only array PIL hands out
+        return np.array(load_image(text[i])), (labels_t[i] if labels_t is not None else None)
 
     h = hashlib.sha256()
     for p in text:

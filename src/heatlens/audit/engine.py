@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -145,7 +146,19 @@ def audit(
                     address=ray_address)
     manifest["complete"] = True
     store.write_manifest(manifest)
+    _report_notes(manifest)
     return Audit(store.root)
+
+
+def _report_notes(manifest: dict) -> None:
+    """One warning per method that warned on some shards (not one per shard): how often, and the first text."""
+    seen: dict[str, list[str]] = {}
+    for shard in manifest["shards"]:
+        for method, text in (shard.get("notes") or {}).items():
+            seen.setdefault(method, []).append(text)
+    for method, texts in seen.items():
+        warnings.warn(f"{method} warned on {len(texts)} of {manifest['n_shards']} shards (manifest.json has each "
+                      f"shard's note); first: {texts[0]}", UserWarning, stacklevel=3)
 
 
 # --- settings -------------------------------------------------------------------------------------
@@ -297,14 +310,18 @@ def compute_shard(clf: Classifier, loaded: Loaded, plan: Plan) -> ShardResult:
     maps = {m: np.full((n, *plan.map_shape), np.nan, dtype=np.float16) for m in plan.methods}
     values = {m: {name: np.full(n, np.nan) for name in plan.metrics} for m in plan.methods}
     stats = {m: {name: np.full(n, np.nan) for name in MAP_STATS} for m in plan.methods}
-    inputs = None
+    inputs, notes = None, {}
     if loaded.x is not None:
         x = loaded.x.to(clf.device)
         if plan.store_inputs:
             inputs = np.full((n, *x.shape[1:]), np.nan, dtype=np.float32)
             inputs[ok] = x.detach().cpu().float().numpy()
         for method in plan.methods:
-            e = explain(clf, x, method, "predicted", **_method_kwargs(method, plan, loaded.shard))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                e = explain(clf, x, method, "predicted", **_method_kwargs(method, plan, loaded.shard))
+            if caught:
+                notes[method] = str(caught[0].message)
             logits[ok] = e.outputs.detach().float().cpu().numpy()
             small = downsample(e.maps().detach().float(), plan.map_shape)
             maps[method][ok] = small.cpu().numpy().astype(np.float16)
@@ -316,7 +333,7 @@ def compute_shard(clf: Classifier, loaded: Loaded, plan: Plan) -> ShardResult:
                     values[method][name][ok] = r.values.numpy()
     columns = _records(loaded, plan, logits, values, stats)
     return ShardResult(shard=loaded.shard, start=loaded.start, stop=loaded.stop, columns=columns,
-                       predictions=logits, maps=maps, inputs=inputs, failed=n - len(ok))
+                       predictions=logits, maps=maps, inputs=inputs, failed=n - len(ok), notes=notes)
 
 
 def _method_kwargs(method: str, plan: Plan, shard: int) -> dict[str, Any]:

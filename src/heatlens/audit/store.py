@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ class ShardResult:
     columns: the Parquet columns, a row per (image, method), images in order then methods in order.
     predictions: (n,K) float32 logits (NaN rows for failed images). maps: method -> (n,h,w) float16.
     inputs: (n,C,H,W) float32 model inputs, or None when the source is re-readable from paths.
+    notes: method -> the first warning it raised on this shard (the engine reports them once, at the end).
     """
 
     shard: int
@@ -54,6 +55,7 @@ class ShardResult:
     maps: dict[str, np.ndarray]
     inputs: np.ndarray | None
     failed: int
+    notes: dict[str, str] = field(default_factory=dict)
 
 
 class Store:
@@ -127,7 +129,7 @@ class Store:
         self.write_arrays(result)
         self.write_part(result)
         entry = {"index": result.shard, "start": result.start, "stop": result.stop,
-                 "file": f"{SCORES}/{part_name(result.shard)}", "failed": result.failed}
+                 "file": f"{SCORES}/{part_name(result.shard)}", "failed": result.failed, "notes": result.notes}
         shards = [s for s in manifest["shards"] if s["index"] != result.shard] + [entry]
         manifest["shards"] = sorted(shards, key=lambda s: s["index"])
         self.write_manifest(manifest)

@@ -83,8 +83,8 @@ class Source:
 def as_source(data: Any, *, model_labels: Sequence[str] | None = None) -> Source:
     """Any supported ``data`` (see the module docstring) -> Source.
 
-    model_labels: the model's class names; folder names that are model labels (or their first
-    comma-separated part, "tabby" for "tabby cat, tabby") index into them, so ``correct`` compares
+    model_labels: the model's class names; folder names that are model labels (or one of their
+    comma-separated synonyms, "tabby" for "tabby cat, tabby") index into them, so ``correct`` compares
     like with like. Missing folders and folders without images raise ``FileNotFoundError`` / ``ValueError``.
     """
     if isinstance(data, Source):
@@ -111,7 +111,7 @@ def as_source(data: Any, *, model_labels: Sequence[str] | None = None) -> Source
 
 # --- files ----------------------------------------------------------------------------------------
 def folder_source(root: Path, *, model_labels: Sequence[str] | None = None) -> Source:
-    """ImageFolder (class sub-folders) or a flat folder of images, files in sorted order."""
+    """ImageFolder (class sub-folders) or a flat folder of images; files sorted by class index, then name."""
     if not root.exists():
         raise FileNotFoundError(f"data folder {str(root)!r} does not exist")
     if not root.is_dir():
@@ -120,8 +120,8 @@ def folder_source(root: Path, *, model_labels: Sequence[str] | None = None) -> S
     per_class = {d.name: _images_in(d) for d in subdirs}
     per_class = {k: v for k, v in per_class.items() if v}
     if per_class:
-        names = list(per_class)
-        index, rule = class_indices(names, model_labels)
+        index, rule = class_indices(list(per_class), model_labels)
+        names = sorted(per_class, key=lambda name: (index[name], name))  # data order: by class, then file name
         paths = [p for name in names for p in per_class[name]]
         labels = [index[name] for name in names for _ in per_class[name]]
         classes = _class_table(index, model_labels)
@@ -169,14 +169,15 @@ def _images_in(folder: Path) -> list[Path]:
 def class_indices(names: Sequence[str], model_labels: Sequence[str] | None) -> tuple[dict[str, int], str]:
     """Folder name -> class index, and the rule used.
 
-    ``model_labels``: every folder is a model label (or its first comma part); ``integers``: every folder
+    ``model_labels``: every folder is a model label (or one of its comma-separated synonyms); ``integers``: every folder
     is a number (``10`` after ``9``, not after ``1``); otherwise ``sorted`` (torchvision's ImageFolder).
     """
     if model_labels:
         lookup: dict[str, int] = {}
         for i, lab in enumerate(model_labels):
             lookup.setdefault(lab, i)
-            lookup.setdefault(lab.split(",")[0].strip(), i)
+            for synonym in lab.split(","):  # "tabby cat, tabby": either names class 281
+                lookup.setdefault(synonym.strip(), i)
         if all(n in lookup for n in names):
             return {n: lookup[n] for n in names}, "model_labels"
     if all(n.isdigit() for n in names):

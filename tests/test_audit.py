@@ -319,4 +319,4 @@ def test_ray_engine_on_a_local_two_worker_cluster_equals_local(tmp_path, digits_
     for m in ("gradcam", "integrated_gradients"):
         np.testing.assert_allclose(r.maps(m)[:].astype(np.float32), folder_audit.maps(m)[:].astype(np.float32),
                                    rtol=2e-3, atol=1e-6, equal_nan=True)
-    np.testing.assert_allclose(r.predictions()[:], folder_audit.predictions()[:], rtol=1e-5, equal_nan=True)
+    np.testing.assert_allclose(r.predictions()[:], folder_audit.predictions()[:], rtol=1e-5, atol=1e-6, equal_nan=True)

@@ -1,7 +1,7 @@
 """The Ray engine: shards computed by a pool of Ray actors, each loading the model once.
 
 Ray Data turns the pending shard numbers into a dataset; ``map_batches`` runs ``ShardWorker`` actors
-(``concurrency=workers``, one shard per call). Each actor loads the model from its spec when it starts,
+(an actor pool of ``workers``, one shard per call). Each actor loads the model from its spec when it starts,
 then reads, explains and scores whole shards exactly as the local engine does (``engine.compute_shard``)
 and returns the ``ShardResult``; the driver commits results to the store as they arrive, in any order.
 So the store is written by one process, and the records equal the local engine's up to float rounding.
@@ -69,7 +69,7 @@ def run_ray(store: Store, manifest: dict, source: Source, spec: str, weights: st
             raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
         threads = max(1, cpus // workers)
         ds = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending))
-        ds = ds.map_batches(ShardWorker, batch_size=1, concurrency=workers, num_cpus=threads,
+        ds = ds.map_batches(ShardWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=threads,
                             fn_constructor_kwargs={"spec": spec, "weights": weights, "device": device,
                                                    "source": source, "plan": plan, "threads": threads})
         bar = _progress(plan, manifest)

@@ -143,6 +143,38 @@ def test_maps_are_area_downsampled_to_map_size():
     assert torch.allclose(small, maps.reshape(2, 2, 4, 4, 4).mean((2, 4)))
 
 
+def test_images_from_many_files_share_each_model_call(digits_folder, tmp_path):
+    """Grad-CAM on a shard of 16 files: one recorded forward+backward over all 16, not 16 calls."""
+    from heatlens import batching
+
+    before = batching.call_stats()
+    hl.audit(SPEC, digits_folder, out=tmp_path / "a", methods=["gradcam"], shard_size=16)
+    after = batching.call_stats()
+    # two shards (16 files, 15 readable; 4 files): one engine batch each, holding every readable image
+    assert after["batches"] - before["batches"] == 2 and after["items"] - before["items"] == 19
+
+
+def test_the_next_shard_is_read_while_one_is_computed(digits_folder, tmp_path, monkeypatch):
+    events = []
+    load, compute = engine.load_shard, engine.compute_shard
+
+    def timed_load(source, clf, plan, shard):
+        events.append(("read", shard, time.monotonic()))
+        return load(source, clf, plan, shard)
+
+    def slow_compute(clf, loaded, plan):
+        time.sleep(0.3)
+        out = compute(clf, loaded, plan)
+        events.append(("computed", loaded.shard, time.monotonic()))
+        return out
+
+    monkeypatch.setattr(engine, "load_shard", timed_load)
+    monkeypatch.setattr(engine, "compute_shard", slow_compute)
+    hl.audit(SPEC, digits_folder, out=tmp_path / "a", methods=["saliency"], shard_size=8)
+    when = {(kind, shard): t for kind, shard, t in events}
+    assert when[("read", 1)] < when[("computed", 0)] and when[("read", 2)] < when[("computed", 1)]
+
+
 # --- the store reopens ----------------------------------------------------------------------------
 def test_audit_reopens_with_the_same_records_and_model(folder_audit):
     again = hl.Audit.open(folder_audit.dir)

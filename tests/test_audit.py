@@ -18,7 +18,6 @@ import pytest
 import torch
 
 import heatlens as hl
-from heatlens.audit import cli as audit_cli
 from heatlens.audit import engine, store
 from heatlens.audit.data import class_indices
 from heatlens.cli import main as cli_main
@@ -40,9 +39,8 @@ COLUMNS = ["image", "path", "label", "label_name", "prediction", "prediction_nam
 
 def _cli_args(data, out) -> list[str]:
     """`heatlens audit` with the settings of FAST."""
-    return ["audit", str(data), "--model", SPEC, "--method", "gradcam,integrated_gradients", "--metric",
-            "insertion,deletion", "--set", "integrated_gradients.steps=8", "--set", "insertion.steps=10",
-            "--set", "deletion.steps=10", "--shard-size", "8", "--out", str(out)]
+    return ["audit", str(data), "--model", SPEC, "--method", "gradcam,integrated_gradients:steps=8", "--metric",
+            "insertion:steps=10,deletion:steps=10", "--shard-size", "8", "--out", str(out)]
 
 
 def _env() -> dict[str, str]:
@@ -258,20 +256,21 @@ _original = engine.compute_shard
 
 def test_cli_audit_and_its_usage_errors(tmp_path, digits_folder, capsys):
     out = tmp_path / "cli"
-    args = ["audit", str(digits_folder), "--model", SPEC, "--method", "gradcam", "--metric", "deletion",
-            "--set", "deletion.steps=10", "--shard-size", "8", "--out", str(out)]
+    args = ["audit", str(digits_folder), "--model", SPEC, "--method", "gradcam", "--metric", "deletion:steps=10",
+            "--shard-size", "8", "--out", str(out)]
     assert cli_main(args) == 0
     text = capsys.readouterr().out
     assert "audited 20 images with gradcam" in text and "1 image(s) could not be read (first: image 9" in text
     assert hl.Audit.open(out).manifest["settings"]["metric_options"] == {"deletion": {"steps": 10}}
-    assert cli_main(args[:-2] + ["--set", "deletion.steps=20", "--out", str(out), "--resume"]) == 2
+    changed = [a.replace("steps=10", "steps=20") for a in args]
+    assert cli_main(changed + ["--resume"]) == 2
     assert "metric_options was {'deletion': {'steps': 10}}, now {'deletion': {'steps': 20}}" in capsys.readouterr().err
     assert cli_main(args) == 2
     assert "already holds an audit; pass resume=True (--resume)" in capsys.readouterr().err
     assert cli_main(["audit", str(tmp_path / "missing"), "--method", "gradcam", "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert cli_main(args[:-2] + ["--set", "gradcam.nope", "--out", str(tmp_path / "p")]) == 2
-    assert "--set expects METHOD.KEY=VALUE" in capsys.readouterr().err
+    assert cli_main(args[:-2] + ["--method", "gradcam:nope=1", "--out", str(tmp_path / "p")]) == 2
+    assert "--method: gradcam has no setting 'nope'" in capsys.readouterr().err
 
 
 def test_data_digit_sum_exports_an_image_folder(digits_folder):

@@ -342,7 +342,8 @@ class Audit:
             return None
         from .models import load_spec
 
-        return load_spec(spec, weights=self.manifest["model"].get("weights"))
+        m = self.manifest["model"]
+        return load_spec(spec, weights=m.get("weights"), input_size=m.get("input_size_arg"))
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else "incomplete"

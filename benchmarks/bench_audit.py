@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             import heatlens as hl
 
             photos = photo_folder(work / "photos", args.effnet_images)
-            results["effnet"] = bench_model("effnet", hl.load_model("efficientnet-lite0"), photos, 8, repeats,
+            results["effnet"] = bench_model("effnet", hl.load_model("efficientnet-lite0").eval(), photos, 8, repeats,
                                             tuned["effnet"], work, args.default_images)
             _partial(results, args)
         rss_n = 16 if quick else (args.rss_images or n_digits)

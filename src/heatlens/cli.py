@@ -5,6 +5,8 @@
     heatlens sanity IMAGES... --method saliency --check model_randomization,input_invariance
     heatlens recommend IMAGES... --method saliency,gradcam,occlusion   which method to trust, ranked
     heatlens demo [--shortcut same_digit]      the whole debugging story on the embedded digits -> report
+    heatlens audit DATA --model M --method gradcam --metric deletion --out DIR   a whole dataset (docs/audit.md)
+    heatlens data digit-sum --shortcut marker --split test --out DIR             export a built-in dataset
     heatlens methods | models
 
 Exit codes scripts can trust (``EXIT_*`` below): 0 success; 1 a sanity check failed; 2 bad usage or
@@ -190,6 +192,14 @@ def _add_listings(sub: Any, parents: Parents) -> None:
     p = sub.add_parser("models", help="list the models that ship with heatlens, and how to use your own",
                        description="List zoo models.")
     p.set_defaults(run=cmd_models)
+
+
+@subcommand
+def _add_audit(sub: Any, parents: Parents) -> None:
+    from .audit.cli import add_audit_command, add_data_command  # heatlens audit / heatlens data (docs/audit.md)
+
+    add_audit_command(sub, parents)
+    add_data_command(sub, parents)
 
 
 # --- commands ------------------------------------------------------------------------------------

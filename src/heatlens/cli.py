@@ -4,6 +4,8 @@
     heatlens evaluate IMAGES... --method occlusion --metric insertion,deletion
     heatlens sanity IMAGES... --method saliency --check model_randomization
     heatlens demo [--shortcut same_digit]      the whole debugging story on the embedded digits -> report
+    heatlens audit DATA --model M --method gradcam --metric deletion --out DIR   a whole dataset (docs/audit.md)
+    heatlens data digit-sum --shortcut marker --split test --out DIR             export a built-in dataset
     heatlens methods | models
 
 Exit codes scripts can trust: 0 success, 1 the work failed, 2 bad usage or input (one-line reason on stderr).
@@ -106,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_methods)
     p = sub.add_parser("models", help="list the models that ship with heatlens", description="List zoo models.")
     p.set_defaults(run=cmd_models)
+
+    from .audit.cli import add_commands as add_audit_commands  # heatlens audit, heatlens data
+
+    add_audit_commands(sub, common)
     return parser
 
 

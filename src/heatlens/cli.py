@@ -99,9 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[common], help="the debugging story on the embedded digits, then a report",
                        description="Train the R255 CNN on digit sums with a planted shortcut, show the generalisation "
                                    "gap, find the shortcut with explanations and write an HTML report.")
-    p.add_argument("--shortcut", default="same_digit", help="planted shortcut: same_digit, marker, tint or border")
+    p.add_argument("--shortcut", default=None, help="planted shortcut: same_digit (default), marker, tint or border "
+                   "(with --audit: marker by default, none for a clean model)")
     p.add_argument("--out", default="heatlens-demo", help="output folder (default heatlens-demo)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the story's own)")
+    p.add_argument("--audit", action="store_true", help="the story at dataset scale: export, audit, analyse, report "
+                   "(heatlens.audit.demo; --shortcut none for a clean model)")
     p.set_defaults(run=cmd_demo)
 
     p = sub.add_parser("methods", help="list the explanation methods", description="List methods.")
@@ -219,9 +222,13 @@ def cmd_sanity(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if getattr(args, "audit", False):
+        from .audit.demo import cli_demo
+
+        return cli_demo(args)
     from .report.story import run_demo
 
-    report = run_demo(shortcut=args.shortcut, out=Path(args.out), seed=args.seed, epochs=args.epochs,
+    report = run_demo(shortcut=args.shortcut or "same_digit", out=Path(args.out), seed=args.seed, epochs=args.epochs,
                       device=args.device, progress=not args.no_progress)
     print(f"report: {report}")
     return EXIT_OK

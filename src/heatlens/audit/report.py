@@ -37,10 +37,29 @@ class Pictures:
     def __init__(self, display: Display, maps: Any, size: int = THUMB):
         self.display, self.maps, self.size = display, maps, size
         self._cache: dict[tuple, str] = {}
+        self._images: dict[int, np.ndarray] = {}
+        self._maps: dict[int, np.ndarray] = {}
+
+    def prefetch(self, indices: Sequence[int], chunk: int = 256) -> None:
+        """Load the images and maps that will be shown, ``chunk`` at a time (one call, not one per picture)."""
+        idx = sorted({int(i) for i in indices} - set(self._images))
+        for start in range(0, len(idx), chunk):
+            part = np.asarray(idx[start:start + chunk], dtype=np.int64)
+            for i, img in zip(part, np.asarray(self.display(part), dtype=np.float64)):
+                self._images[int(i)] = np.clip(img, 0, 1)
+            rows = _read_rows(self.maps, part)
+            for i, m in zip(part, rows):
+                self._maps[int(i)] = np.nan_to_num(np.abs(np.asarray(m, dtype=np.float32)))
+
+    def _image(self, i: int) -> np.ndarray:
+        if i not in self._images:
+            self.prefetch([i])
+        return self._images[i]
 
     def _map(self, i: int) -> np.ndarray:
-        m = np.asarray(self.maps[int(i)], dtype=np.float32)
-        return np.nan_to_num(np.abs(m))
+        if i not in self._maps:
+            self.prefetch([i])
+        return self._maps[i]
 
     def image(self, i: int, *, heat: bool = True, box: Sequence[int] | None = None) -> str:
         """Data URI of image ``i`` (with its map blended on when ``heat``; a cyan ``box`` [t,b,l,r) drawn)."""
@@ -48,7 +67,7 @@ class Pictures:
         if key not in self._cache:
             from ..viz.overlay import overlay
 
-            img = np.clip(np.asarray(self.display(np.array([int(i)]))[0], dtype=np.float64), 0, 1)
+            img = self._image(int(i))
             out = overlay(img, self._map(i), cmap="hot", alpha=0.55) if heat else (img * 255).round().astype(np.uint8)
             self._cache[key] = self._encode(_draw_box(out, box) if box else out)
         return self._cache[key]
@@ -81,6 +100,15 @@ class Pictures:
             rgb = np.asarray(Image.fromarray(rgb).resize((max(1, round(w * scale)), max(1, round(h * scale))),
                                                          Image.LANCZOS))
         return png_data_uri(rgb)
+
+
+def _read_rows(maps: Any, idx: np.ndarray) -> np.ndarray:
+    """Rows ``idx`` (sorted) of an (N,h,w) array-like: Zarr's orthogonal selection reads each chunk once."""
+    if hasattr(maps, "oindex"):
+        return np.asarray(maps.oindex[idx])
+    if hasattr(maps, "detach"):
+        return maps[torch.as_tensor(idx)].detach().cpu().float().numpy()
+    return np.asarray(maps)[idx]
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
@@ -250,6 +278,7 @@ def render(analysis: AuditAnalysis, *, display: Display, maps: Any, scores: Any 
 
     pics = Pictures(display, maps)
     caption = captions or (lambda i: f"#{i}")
+    pics.prefetch(_shown(analysis, weakest))
     first = np.asarray(display(np.array([0])))[0]
     image_shape, map_shape = first.shape[:2], tuple(maps.shape[-2:])
     findings = [_finding_view(f, analysis, pics, caption, image_shape, map_shape, load_images, display_model)
@@ -279,6 +308,17 @@ def render(analysis: AuditAnalysis, *, display: Display, maps: Any, scores: Any 
     )
 
 
+def _shown(analysis: AuditAnalysis, weakest: Sequence[int]) -> list[int]:
+    """Every image index the report will show (so they are loaded in a few batched calls)."""
+    idx = [0, *weakest[:N_LIST], *outliers(analysis.outlier_z).tolist()]
+    for f in analysis.findings:
+        idx += f.images[:N_LIST]
+    for cc in analysis.spray.classes.values():
+        for cl in cc.clusters:
+            idx += [*cl.representatives.tolist(), *cl.members[:GALLERY].tolist(), *cl.boundary[:6].tolist()]
+    return idx
+
+
 def write(out: str | Path, analysis: AuditAnalysis, **kwargs: Any) -> tuple[Path, Path]:
     """Write ``out/report.html`` and ``out/findings.json`` (each atomically) -> their paths."""
     out = Path(out)
@@ -291,12 +331,17 @@ def write(out: str | Path, analysis: AuditAnalysis, **kwargs: Any) -> tuple[Path
     return path, analysis.write_json(out / "findings.json")
 
 
-def write_audit_report(audit: Any, analysis: AuditAnalysis | None = None, *, title: str | None = None,
-                       **analyse_kwargs: Any) -> tuple[Path, Path]:
-    """Analyse ``audit`` (unless ``analysis`` is given) and write ``DIR/report.html`` + ``DIR/findings.json``."""
+def write_audit_report(audit: Any, analysis: AuditAnalysis | None = None, *, model: Any = None,
+                       title: str | None = None, **analyse_kwargs: Any) -> tuple[Path, Path]:
+    """Analyse ``audit`` (unless ``analysis`` is given) and write ``DIR/report.html`` + ``DIR/findings.json``.
+
+    model: the audited model (default ``audit.model()``; needed to show the images as the model sees them).
+    """
     from .analysis import analyse
 
-    model = audit.model()
+    model = model if model is not None else audit.model()
+    if model is None:
+        raise ValueError("model must be given: this audit cannot reload its model (it was audited as an object)")
     analysis = analysis or analyse(audit, model=model, **analyse_kwargs)
     scores = audit.scores
     rows = scores[scores["method"] == analysis.method].sort_values("image").reset_index(drop=True)

@@ -13,6 +13,7 @@ a NumPy memmap, a tensor), labels (N,). ``heatlens.audit.analysis`` feeds it an 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -181,7 +182,10 @@ def spectral_clusters(features: np.ndarray, *, n_neighbors: int = 10, max_k: int
     if k == 1:
         return np.zeros(n, dtype=np.int64), eigenvalues
     model = SpectralClustering(n_clusters=k, affinity="precomputed", random_state=seed, assign_labels="cluster_qr")
-    return model.fit_predict(affinity).astype(np.int64), eigenvalues
+    with warnings.catch_warnings():
+        # separate strategies are separate graph components: expected here, not a problem
+        warnings.filterwarnings("ignore", message="Graph is not fully connected")
+        return model.fit_predict(affinity).astype(np.int64), eigenvalues
 
 
 def _identity(n: int):
@@ -233,8 +237,12 @@ def tsne_embedding(x: np.ndarray, *, max_points: int = 300, seed: int = 0) -> np
         return out
     rows = np.arange(n) if n <= max_points else np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
     perplexity = float(min(30, max(2, (len(rows) - 1) / 3)))
+    from threadpoolctl import threadpool_limits
+
     tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, max_iter=500)
-    out[rows] = tsne.fit_transform(x[rows]).astype(np.float32)
+    # a few hundred points: one thread is plenty, and OpenMP threads on a busy machine made it 40x slower
+    with threadpool_limits(1):
+        out[rows] = tsne.fit_transform(x[rows]).astype(np.float32)
     return out
 
 

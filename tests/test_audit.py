@@ -18,7 +18,6 @@ import pytest
 import torch
 
 import heatlens as hl
-from heatlens.audit import cli as audit_cli
 from heatlens.audit import engine, store
 from heatlens.audit.data import class_indices
 from heatlens.cli import main as cli_main
@@ -40,9 +39,8 @@ COLUMNS = ["image", "path", "label", "label_name", "prediction", "prediction_nam
 
 def _cli_args(data, out) -> list[str]:
     """`heatlens audit` with the settings of FAST."""
-    return ["audit", str(data), "--model", SPEC, "--method", "gradcam,integrated_gradients", "--metric",
-            "insertion,deletion", "--set", "integrated_gradients.steps=8", "--set", "insertion.steps=10",
-            "--set", "deletion.steps=10", "--shard-size", "8", "--out", str(out)]
+    return ["audit", str(data), "--model", SPEC, "--method", "gradcam,integrated_gradients:steps=8", "--metric",
+            "insertion:steps=10,deletion:steps=10", "--shard-size", "8", "--out", str(out)]
 
 
 def _env() -> dict[str, str]:
@@ -143,6 +141,38 @@ def test_maps_are_area_downsampled_to_map_size():
     assert torch.allclose(small, maps.reshape(2, 2, 4, 4, 4).mean((2, 4)))
 
 
+def test_images_from_many_files_share_each_model_call(digits_folder, tmp_path):
+    """Grad-CAM on a shard of 16 files: one recorded forward+backward over all 16, not 16 calls."""
+    from heatlens import batching
+
+    before = batching.call_stats()
+    hl.audit(SPEC, digits_folder, out=tmp_path / "a", methods=["gradcam"], shard_size=16)
+    after = batching.call_stats()
+    # two shards (16 files, 15 readable; 4 files): one engine batch each, holding every readable image
+    assert after["batches"] - before["batches"] == 2 and after["items"] - before["items"] == 19
+
+
+def test_the_next_shard_is_read_while_one_is_computed(digits_folder, tmp_path, monkeypatch):
+    events = []
+    load, compute = engine.load_shard, engine.compute_shard
+
+    def timed_load(source, clf, plan, shard):
+        events.append(("read", shard, time.monotonic()))
+        return load(source, clf, plan, shard)
+
+    def slow_compute(clf, loaded, plan):
+        time.sleep(0.3)
+        out = compute(clf, loaded, plan)
+        events.append(("computed", loaded.shard, time.monotonic()))
+        return out
+
+    monkeypatch.setattr(engine, "load_shard", timed_load)
+    monkeypatch.setattr(engine, "compute_shard", slow_compute)
+    hl.audit(SPEC, digits_folder, out=tmp_path / "a", methods=["saliency"], shard_size=8)
+    when = {(kind, shard): t for kind, shard, t in events}
+    assert when[("read", 1)] < when[("computed", 0)] and when[("read", 2)] < when[("computed", 1)]
+
+
 # --- the store reopens ----------------------------------------------------------------------------
 def test_audit_reopens_with_the_same_records_and_model(folder_audit):
     again = hl.Audit.open(folder_audit.dir)
@@ -226,20 +256,21 @@ _original = engine.compute_shard
 
 def test_cli_audit_and_its_usage_errors(tmp_path, digits_folder, capsys):
     out = tmp_path / "cli"
-    args = ["audit", str(digits_folder), "--model", SPEC, "--method", "gradcam", "--metric", "deletion",
-            "--set", "deletion.steps=10", "--shard-size", "8", "--out", str(out)]
+    args = ["audit", str(digits_folder), "--model", SPEC, "--method", "gradcam", "--metric", "deletion:steps=10",
+            "--shard-size", "8", "--out", str(out)]
     assert cli_main(args) == 0
     text = capsys.readouterr().out
     assert "audited 20 images with gradcam" in text and "1 image(s) could not be read (first: image 9" in text
     assert hl.Audit.open(out).manifest["settings"]["metric_options"] == {"deletion": {"steps": 10}}
-    assert cli_main(args[:-2] + ["--set", "deletion.steps=20", "--out", str(out), "--resume"]) == 2
+    changed = [a.replace("steps=10", "steps=20") for a in args]
+    assert cli_main(changed + ["--resume"]) == 2
     assert "metric_options was {'deletion': {'steps': 10}}, now {'deletion': {'steps': 20}}" in capsys.readouterr().err
     assert cli_main(args) == 2
     assert "already holds an audit; pass resume=True (--resume)" in capsys.readouterr().err
     assert cli_main(["audit", str(tmp_path / "missing"), "--method", "gradcam", "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert cli_main(args[:-2] + ["--set", "gradcam.nope", "--out", str(tmp_path / "p")]) == 2
-    assert "--set expects METHOD.KEY=VALUE" in capsys.readouterr().err
+    assert cli_main(args[:-2] + ["--method", "gradcam:nope=1", "--out", str(tmp_path / "p")]) == 2
+    assert "--method: gradcam has no setting 'nope'" in capsys.readouterr().err
 
 
 def test_data_digit_sum_exports_an_image_folder(digits_folder):
@@ -319,4 +350,4 @@ def test_ray_engine_on_a_local_two_worker_cluster_equals_local(tmp_path, digits_
     for m in ("gradcam", "integrated_gradients"):
         np.testing.assert_allclose(r.maps(m)[:].astype(np.float32), folder_audit.maps(m)[:].astype(np.float32),
                                    rtol=2e-3, atol=1e-6, equal_nan=True)
-    np.testing.assert_allclose(r.predictions()[:], folder_audit.predictions()[:], rtol=1e-5, equal_nan=True)
+    np.testing.assert_allclose(r.predictions()[:], folder_audit.predictions()[:], rtol=1e-5, atol=1e-6, equal_nan=True)

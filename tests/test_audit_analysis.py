@@ -321,3 +321,57 @@ def test_a_clean_model_gets_no_shortcut_finding(seed):
     _, _, analysis = _digit_audit(None, seed)
     assert not [f for f in analysis.findings if f.kind in ("shortcut", "colour")], [f.title for f in analysis.findings]
     assert any("no cluster" in n or "not confirmed" in n for n in analysis.notes)
+
+
+# --- the demo through the engine, and its report in a browser -------------------------------------------
+
+@pytest.fixture(scope="module")
+def audit_demo(tmp_path_factory):
+    from heatlens.audit.demo import run_audit_demo
+
+    return run_audit_demo("marker", out=tmp_path_factory.mktemp("audit-demo"), n_train=1500, n_audit=500,
+                          progress=False)
+
+
+@pytest.mark.slow
+def test_demo_audit_report_and_findings_json_name_the_shortcut_first(audit_demo):
+    data = json.loads(audit_demo.findings.read_text())
+    first = data["findings"][0]
+    assert first["kind"] == "shortcut" and "top" in first["region"]["name"] and len(first["classes"]) >= 8
+    assert first["region"]["box"][0] == 0 and first["region"]["box"][1] <= 6
+    html = audit_demo.report.read_text()
+    assert html.index(first["title"].replace("&", "&amp;")) < html.index('id="classes"')  # findings come first
+    assert 'src="http' not in html and "<script src" not in html  # self-contained
+    assert data["summary"]["images"] == 500 and data["summary"]["clustered_method"] == "input_x_gradient"
+    # the audit reopens and the analysis gives the same first finding from the store alone
+    from heatlens.audit import Audit
+    from heatlens.audit.analysis import analyse
+
+    again = analyse(Audit.open(audit_demo.audit.dir), embed=False)
+    assert again.findings[0].title == first["title"]
+
+
+@pytest.mark.slow
+def test_demo_audit_report_opens_in_headless_chromium(audit_demo, tmp_path):
+    from test_report import _chromium, _open_in_chromium
+
+    if _chromium() is None:
+        pytest.skip("chromium is not installed")
+    status, console_errors = _open_in_chromium(audit_demo.report, tmp_path, "audit-report.png")
+    assert status["n"] > 50 and status["ok"] == status["n"], status
+    assert console_errors == []
+
+
+def test_cli_demo_audit_runs_the_audit_demo_with_the_chosen_shortcut(monkeypatch, tmp_path):
+    import heatlens.audit.demo as demo
+    from heatlens.cli import main
+
+    calls = []
+
+    class Done:
+        report, findings = tmp_path / "report.html", tmp_path / "findings.json"
+
+    monkeypatch.setattr(demo, "run_audit_demo", lambda shortcut, **kw: calls.append((shortcut, kw)) or Done())
+    assert main(["demo", "--audit", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert main(["demo", "--audit", "--shortcut", "none", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert [c[0] for c in calls] == ["marker", None] and calls[0][1]["out"] == tmp_path

@@ -1,30 +1,37 @@
-"""``heatlens audit ...`` and ``heatlens data ...``: registered by ``heatlens.cli`` with ``add_commands``.
+"""``heatlens audit ...`` and ``heatlens data ...``, registered in ``heatlens.cli`` as subcommand builders.
 
-    heatlens audit DATA --model M --method gradcam,integrated_gradients --metric insertion,deletion --out DIR
-                   [--engine local|ray] [--resume | --overwrite] [--shard-size 64] [--map-size 64]
-                   [--workers N] [--ray-address ADDR] [--weights FILE] [--set METHOD.KEY=VALUE ...]
+    heatlens audit DATA --model M --method gradcam,integrated_gradients:steps=32 --metric insertion,deletion
+                   --out DIR [--engine local|ray] [--resume | --overwrite] [--shard-size 64] [--map-size 64]
+                   [--workers N] [--ray-address ADDR] [--weights FILE] [--input-size C,H,W] [--param KEY=VALUE]
     heatlens data digit-sum --shortcut marker --split test --out DIR [--n 1000] [--seed 0]
+
+Method and metric settings use the CLI's own syntax (``NAME:KEY=VALUE``, ``--param [METHOD:]KEY=VALUE``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 
-def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Add the ``audit`` and ``data`` subcommands to the CLI's subparsers."""
-    p = sub.add_parser("audit", parents=[common], help="explain and score a whole dataset into a resumable store",
+def add_audit_command(sub: Any, parents: Any) -> None:
+    """The ``audit`` subcommand (``parents``: the CLI's shared parent parsers)."""
+    from ..cli import METHOD_HELP, PARAM_HELP, _input_size
+
+    p = sub.add_parser("audit", parents=[parents.common], help="explain and score a whole dataset into a resumable store",
                        description="Explain every image of a dataset with each method, score each explanation "
                                    "with each metric and write a Parquet table, Zarr maps and a manifest to --out.")
     p.add_argument("data", nargs="+", help="a folder (ImageFolder class sub-folders or flat) or image files")
     p.add_argument("--model", default="efficientnet-lite0",
                    help="zoo name, .keras / .pt2 file or package.module:function (default efficientnet-lite0)")
-    p.add_argument("--weights", default=None, help="state-dict file for a package.module:function model")
-    p.add_argument("--method", default="gradcam", help="comma-separated method names (default gradcam)")
-    p.add_argument("--metric", default="", help="comma-separated metric names, e.g. insertion,deletion")
+    p.add_argument("--weights", default=None, help="state-dict file for a .pt2 or package.module:function model")
+    p.add_argument("--input-size", default=None, type=_input_size, metavar="C,H,W",
+                   help="input size of a package.module:function model that does not say, e.g. 3,224,224")
+    p.add_argument("--method", default="gradcam", help=METHOD_HELP)
+    p.add_argument("--param", action="append", default=[], metavar="[METHOD:]KEY=VALUE", help=PARAM_HELP)
+    p.add_argument("--metric", default="", help="comma-separated metric names, each optionally with settings, "
+                                                "e.g. 'insertion,deletion:steps=50' (default: none)")
     p.add_argument("--out", required=True, help="the audit folder")
     p.add_argument("--engine", default="local", choices=("local", "ray"), help="local (default) or ray")
     p.add_argument("--resume", action="store_true", help="finish an interrupted audit in --out (same settings)")
@@ -33,10 +40,11 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--map-size", type=int, default=64, help="longer side of the stored maps (default 64)")
     p.add_argument("--workers", type=int, default=None, help="Ray actors (default: the cluster's CPUs)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one here")
-    p.add_argument("--set", dest="options", action="append", default=[], metavar="METHOD.KEY=VALUE",
-                   help="a method or metric setting, e.g. integrated_gradients.steps=32 (repeatable)")
     p.set_defaults(run=cmd_audit)
 
+
+def add_data_command(sub: Any, parents: Any) -> None:
+    """The ``data`` subcommand: export built-in datasets as image folders."""
     p = sub.add_parser("data", help="export heatlens' built-in datasets as image folders",
                        description="Write a built-in dataset as PNG files in ImageFolder layout (DIR/<label>/).")
     data_sub = p.add_subparsers(dest="dataset", metavar="DATASET", required=True)
@@ -52,46 +60,23 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from ..cli import _split
+    from ..cli import _apply_params, _method_signature, _metric_signature, parse_settings
     from .engine import audit
 
     # one argument: a folder (or one file); several: image files, each a row (missing ones fail as rows)
     data: Any = args.data[0] if len(args.data) == 1 else list(args.data)
-    methods = _split(args.method)
-    metrics = [m.strip() for m in args.metric.split(",") if m.strip()]
-    method_options, metric_options = parse_options(args.options, methods, metrics)
-    result = audit(args.model, data, methods=methods, metrics=metrics, out=args.out, engine=args.engine,
+    methods = parse_settings(args.method, "--method", _method_signature)
+    _apply_params(methods, args.param)
+    metrics = parse_settings(args.metric, "--metric", _metric_signature) if args.metric.strip() else {}
+    result = audit(args.model, data, methods=list(methods), metrics=list(metrics), out=args.out, engine=args.engine,
                    resume=args.resume, overwrite=args.overwrite, batch_size=args.batch_size,
-                   shard_size=args.shard_size, map_size=args.map_size, method_options=method_options,
-                   metric_options=metric_options, workers=args.workers, ray_address=args.ray_address,
-                   seed=args.seed, weights=args.weights, device=args.device)
+                   shard_size=args.shard_size, map_size=args.map_size,
+                   method_options={m: kw for m, kw in methods.items() if kw},
+                   metric_options={m: kw for m, kw in metrics.items() if kw}, workers=args.workers,
+                   ray_address=args.ray_address, seed=args.seed, weights=args.weights, input_size=args.input_size,
+                   device=args.device)
     print(summary(result))
     return 0
-
-
-def parse_options(items: list[str], methods: list[str], metrics: list[str]) -> tuple[dict, dict]:
-    """``METHOD.KEY=VALUE`` strings -> (method_options, metric_options); values read as JSON when they parse."""
-    from ..cli import UsageError
-
-    method_options: dict[str, dict] = {}
-    metric_options: dict[str, dict] = {}
-    for item in items:
-        name, dot, rest = item.partition(".")
-        key, eq, text = rest.partition("=")
-        if not (dot and eq and key):
-            raise UsageError(f"--set expects METHOD.KEY=VALUE (e.g. integrated_gradients.steps=32), got {item!r}")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
-        if name in methods:
-            method_options.setdefault(name, {})[key] = value
-        elif name in metrics:
-            metric_options.setdefault(name, {})[key] = value
-        else:
-            raise UsageError(f"--set {item!r}: {name!r} is none of the methods ({', '.join(methods)}) "
-                             f"or metrics ({', '.join(metrics) or 'none'})")
-    return method_options, metric_options
 
 
 def summary(a: Any) -> str:

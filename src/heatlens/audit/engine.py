@@ -99,6 +99,7 @@ def audit(
     ray_address: str | None = None,
     seed: int = 0,
     weights: str | None = None,
+    input_size: Sequence[int] | None = None,
     device: str | torch.device | None = None,
 ) -> Audit:
     """Explain every image of ``data`` with each method, score each explanation with each metric, and
@@ -113,7 +114,8 @@ def audit(
     method_options: per-method hyperparameters ``{"integrated_gradients": {"steps": 32}}``.
     metric_options: settings for every metric that takes them, per-metric ones under the metric's name.
     workers / ray_address: the Ray actor pool size (default: the CPUs of the cluster) and cluster.
-    weights: state-dict file for a ``package.module:function`` spec. device: where the model runs.
+    weights: state-dict file for a ``.pt2`` / ``package.module:function`` spec; input_size: (C,H,W) for a
+    function spec returning a bare module (see ``heatlens.load_model``). device: where the model runs.
     """
     check_choice(engine, "engine", ENGINES)
     methods, metrics = _check_methods(methods), _check_metrics(metrics)
@@ -123,7 +125,8 @@ def audit(
     metric_options = dict(metric_options or {})
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    clf, spec = _resolve_model(model, weights, device)
+    input_size = tuple(int(v) for v in input_size) if input_size is not None else None
+    clf, spec = _resolve_model(model, weights, device, input_size)
     if engine == "ray" and spec is None:
         raise ValueError("engine='ray' needs the model as a spec string (a zoo name, a .keras/.pt2 file or "
                          "'package.module:function'): each Ray worker loads the model itself")
@@ -133,7 +136,8 @@ def audit(
     plan = make_plan(clf, source, methods, metrics, method_options, metric_options, shard_size, map_size, seed,
                      batch_size)
     store = Store(Path(out))
-    manifest = store.prepare(build_manifest(clf, spec, weights, source, plan), resume=resume, overwrite=overwrite)
+    manifest = store.prepare(build_manifest(clf, (spec, weights, input_size), source, plan), resume=resume,
+                             overwrite=overwrite)
     done = store.done_shards()
     pending = [s for s in range(plan.n_shards) if s not in done]
     if pending:
@@ -142,7 +146,7 @@ def audit(
         else:
             from .ray_engine import run_ray
 
-            run_ray(store, manifest, source, spec, weights, device, plan, pending, workers=workers,
+            run_ray(store, manifest, source, (spec, weights, input_size), device, plan, pending, workers=workers,
                     address=ray_address)
     manifest["complete"] = True
     store.write_manifest(manifest)
@@ -214,7 +218,8 @@ def make_plan(clf: Classifier, source: Source, methods: tuple[str, ...], metrics
     )
 
 
-def build_manifest(clf: Classifier, spec: str | None, weights: str | None, source: Source, plan: Plan) -> dict[str, Any]:
+def build_manifest(clf: Classifier, loadable: tuple, source: Source, plan: Plan) -> dict[str, Any]:
+    """The manifest of a new audit. loadable: (spec, weights, input_size) to load the model again."""
     from .. import __version__
     from .models import fingerprint
 
@@ -224,8 +229,10 @@ def build_manifest(clf: Classifier, spec: str | None, weights: str | None, sourc
         "shard_size": plan.shard_size, "map_size": max(plan.map_shape), "seed": plan.seed, "target": "predicted",
         "batch_size": plan.batch_size,
     }
+    spec, weights, input_size = loadable
     model = {
-        "spec": spec, "weights": str(weights) if weights is not None else None, "name": clf.name,
+        "spec": spec, "weights": str(Path(weights).resolve()) if weights is not None else None,
+        "input_size_arg": list(input_size) if input_size is not None else None, "name": clf.name,
         "fingerprint": fingerprint(clf), "input_size": list(clf.input_size),
         "preprocessing": _jsonable(dataclasses.asdict(clf.preprocessing)),
         "labels": list(clf.labels) if clf.labels is not None else None,
@@ -253,11 +260,13 @@ def _jsonable(value: Any) -> Any:
     return str(describe(value))
 
 
-def _resolve_model(model: Any, weights: str | None, device: Any) -> tuple[nn.Module, str | None]:
+def _resolve_model(model: Any, weights: str | None, device: Any, input_size: Any) -> tuple[nn.Module, str | None]:
     from .models import load_spec, model_spec
 
     if isinstance(model, (str, Path)):
-        return load_spec(str(model), weights=weights, device=device), str(model)
+        return load_spec(str(model), weights=weights, device=device, input_size=input_size), str(model)
+    if weights is not None or input_size is not None:
+        raise ValueError("weights= and input_size= are for a model given as a spec string, not a model object")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a heatlens Classifier, an nn.Module or a model spec string, "
                         f"got {type(model).__name__}")

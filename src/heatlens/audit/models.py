@@ -4,9 +4,7 @@ given as an object, and fingerprinted so that a resumed audit is refused on anot
 from __future__ import annotations
 
 import hashlib
-import importlib
-import inspect
-import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -15,43 +13,13 @@ from torch import nn
 from ..models.adapter import Classifier
 
 
-def load_spec(spec: str, *, weights: str | None = None, device: str | torch.device | None = None) -> Classifier:
-    """A model spec -> Classifier: a zoo name, a ``.keras`` / ``.pt2`` file, or ``package.module:function``
-    (called with no arguments; ``weights`` is a state-dict file loaded into what it returns)."""
-    from ..models import zoo
+def load_spec(spec: str, *, weights: str | None = None, device: str | torch.device | None = None,
+              input_size: Sequence[int] | None = None) -> Classifier:
+    """A model spec -> Classifier through ``heatlens.load_model``: a zoo name, a ``.keras`` / ``.pt2`` file,
+    or ``package.module:function`` (``weights``: a state-dict file; ``input_size`` for a bare module)."""
+    from ..models import load_model
 
-    if "weights" in inspect.signature(zoo.load_model).parameters:
-        # the zoo loader reads every spec form itself
-        return zoo.load_model(spec, weights=weights, device=device)
-    if _is_function_spec(spec):
-        return _load_function(spec, weights, device)
-    if weights is not None:
-        raise ValueError(f"weights= is for 'package.module:function' specs, not for {spec!r}")
-    return zoo.load_model(spec, device=device)
-
-
-def _is_function_spec(spec: str) -> bool:
-    module, sep, attr = spec.partition(":")
-    return bool(sep) and bool(attr) and not os.path.exists(spec) and "/" not in module and "\\" not in module
-
-
-def _load_function(spec: str, weights: str | None, device: str | torch.device | None) -> Classifier:
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"model spec {spec!r}: cannot import module {module_name!r} ({err})") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ValueError(f"model spec {spec!r}: module {module_name!r} has no function {attr!r}")
-    model = fn()
-    if weights is not None:
-        net = model.net if isinstance(model, Classifier) else model
-        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    if not isinstance(model, Classifier):
-        raise TypeError(f"model spec {spec!r} returned {type(model).__name__}; the function must return a "
-                        "heatlens Classifier (heatlens.wrap(module, input_size=...))")
-    return model.to(device) if device is not None else model
+    return load_model(spec, weights=weights, device=device, input_size=input_size)
 
 
 def fingerprint(model: nn.Module | Classifier) -> str:

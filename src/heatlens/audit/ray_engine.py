@@ -1,7 +1,7 @@
 """The Ray engine: shards computed by a pool of Ray actors, each loading the model once.
 
 Ray Data turns the pending shard numbers into a dataset; ``map_batches`` runs ``ShardWorker`` actors
-(``concurrency=workers``, one shard per call). Each actor loads the model from its spec when it starts,
+(an actor pool of ``workers``, one shard per call). Each actor loads the model from its spec when it starts,
 then reads, explains and scores whole shards exactly as the local engine does (``engine.compute_shard``)
 and returns the ``ShardResult``; the driver commits results to the store as they arrive, in any order.
 So the store is written by one process, and the records equal the local engine's up to float rounding.
@@ -27,14 +27,15 @@ from .store import Store
 class ShardWorker:
     """A Ray Data actor: the model loaded once, then ``__call__`` on batches of shard numbers."""
 
-    def __init__(self, spec: str, weights: str | None, device: Any, source: Source, plan: Plan, threads: int) -> None:
+    def __init__(self, loadable: tuple, device: Any, source: Source, plan: Plan, threads: int) -> None:
         import torch
 
         from .models import load_spec
 
         torch.set_num_threads(max(1, threads))  # an actor owns its CPUs, not the whole machine
         self.source, self.plan = source, plan
-        self.model = load_spec(spec, weights=weights, device=device)
+        spec, weights, input_size = loadable
+        self.model = load_spec(spec, weights=weights, device=device, input_size=input_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         shards = [int(s) for s in batch["shard"]]
@@ -42,9 +43,10 @@ class ShardWorker:
         return {"shard": np.asarray(shards), "result": np.asarray([pickle.dumps(r) for r in results], dtype=object)}
 
 
-def run_ray(store: Store, manifest: dict, source: Source, spec: str, weights: str | None, device: Any, plan: Plan,
+def run_ray(store: Store, manifest: dict, source: Source, loadable: tuple, device: Any, plan: Plan,
             pending: Sequence[int], *, workers: int | None = None, address: str | None = None) -> None:
-    """Compute ``pending`` shards on Ray (``ray.init()`` here, or ``address``'s cluster) and commit them."""
+    """Compute ``pending`` shards on Ray (``ray.init()`` here, or ``address``'s cluster) and commit them.
+    loadable: (spec, weights, input_size), what each actor loads the model from."""
     try:
         import ray
     except ImportError:
@@ -69,8 +71,8 @@ def run_ray(store: Store, manifest: dict, source: Source, spec: str, weights: st
             raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
         threads = max(1, cpus // workers)
         ds = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending))
-        ds = ds.map_batches(ShardWorker, batch_size=1, concurrency=workers, num_cpus=threads,
-                            fn_constructor_kwargs={"spec": spec, "weights": weights, "device": device,
+        ds = ds.map_batches(ShardWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=threads,
+                            fn_constructor_kwargs={"loadable": loadable, "device": device,
                                                    "source": source, "plan": plan, "threads": threads})
         bar = _progress(plan, manifest)
         try:

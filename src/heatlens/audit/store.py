@@ -285,6 +285,12 @@ class Audit:
                             kind="stable").reset_index(drop=True)
         return df
 
+    @cached_property
+    def _paths(self) -> dict[int, str]:
+        """image -> path, for the images already in the table."""
+        per_image = self.scores.drop_duplicates("image")
+        return dict(zip(per_image["image"].tolist(), per_image["path"].tolist()))
+
     def _arrays(self):
         import zarr
 
@@ -317,8 +323,8 @@ class Audit:
 
         prep = self.manifest["model"]["preprocessing"]
         prep = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in prep.items()})
-        paths = self.scores.drop_duplicates("image").set_index("image")["path"]
-        missing = [i for i in idx if i not in paths.index]
+        paths = self._paths
+        missing = [i for i in idx if i not in paths]
         if missing:
             raise ValueError(f"images {missing} are not in the audit yet (interrupted: resume it first)")
         return torch.cat([prep(paths[i]) for i in idx]) if idx else torch.empty(0)
@@ -336,7 +342,8 @@ class Audit:
             return None
         from .models import load_spec
 
-        return load_spec(spec, weights=self.manifest["model"].get("weights"))
+        m = self.manifest["model"]
+        return load_spec(spec, weights=m.get("weights"), input_size=m.get("input_size_arg"))
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else "incomplete"

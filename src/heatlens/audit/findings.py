@@ -357,9 +357,34 @@ def find_shortcuts(result: SprayResult, predict: Predict, load_images: LoadImage
                "region": region_name(cand.mask), "box": pixel_box(mask_px), "grid": cand.mask.astype(int).tolist(), **{k: round(v, 4) for k, v in cand.stats.items()},
                **_accuracy_split(cl, result.classes[cl.label], correct), "test": test}
         (accepted if confirmed(test) else rejected).append((cand, row))
-    findings = [_shortcut_finding(group, result, map_shape, input_size, class_names)
-                for group in _touching(accepted)]
+    groups_ = _touching(accepted)
+    rejected = _attach(groups_, rejected)
+    findings = [_shortcut_finding(group, result, map_shape, input_size, class_names) for group in groups_]
     return findings, [row for _, row in rejected]
+
+
+def _attach(groups: list[list[tuple[Candidate, dict]]], rejected: list[tuple[Candidate, dict]]) -> list:
+    """Add to a confirmed shortcut the rejected candidates of other classes that rely on the same region.
+
+    A cue every class reads (a frame whose colour encodes the class) fails the specificity test in
+    some classes: erasing it matters everywhere. Once the region is confirmed as a shortcut for some
+    classes, a class whose cluster sits on a touching region and whose predictions depend on it
+    (erasing changes them, the first half of ``confirmed``) is driven by the same shortcut.
+    """
+    from scipy.ndimage import binary_dilation
+
+    left = []
+    for cand, row in rejected:
+        e = row["test"]["erase_inside"]
+        depends = e["changed"] >= CONFIRM_CHANGE or e["drop"] >= CONFIRM_DROP
+        home = next((g for g in groups if depends and any(
+            (binary_dilation(c.mask, structure=np.ones((3, 3), bool)) & cand.mask).any() for c, _ in g)), None)
+        if home is None:
+            left.append((cand, row))
+        else:
+            row["reasons"] = [*row["reasons"], "same region as a confirmed shortcut"]
+            home.append((cand, row))
+    return left
 
 
 def _accuracy_split(cl: Cluster, cc: ClassClusters, correct: np.ndarray | None) -> dict[str, Any]:

@@ -28,7 +28,7 @@ patch in ~100 steps: the same number of model evaluations, not the same curve.
 Also measured: peak RSS of a fresh process auditing 1x and 10x the images (Grad-CAM only, so that 10x
 stays short: memory must not grow with the dataset), and, unless ``--no-ray``, the Ray engine (2
 workers on this machine, startup included) against local on the digit set. JSON:
-``benchmarks/results/bench_audit[_quick].json``. ``--quick``: 16 digit images, 1 repeat, no efficientnet,
+``benchmarks/results/bench_audit[_quick|_<models>].json``. ``--quick``: 16 digit images, 1 repeat, no efficientnet,
 no Ray, RSS at 16 vs 160 digits: a smoke test.
 """
 
@@ -256,6 +256,13 @@ def bench_ray(folder: Path, work: Path, patch: int) -> dict[str, Any]:
             "local_images_per_s": n / local_s, "ray_over_local_time": ray_s / local_s, "workers": 2}
 
 
+def _partial(results: dict[str, Any], args: Any) -> None:
+    """Print each model's numbers as soon as they exist (a long run on a loaded machine may be cut short)."""
+    for name, r in results.items():
+        print(f"[partial] {name}: " + ", ".join(f"{k} {v:.3f} images/s" for k, v in r["images_per_s"].items()),
+              flush=True)
+
+
 def _tuned(text: str | None, quick: bool) -> dict[str, tuple]:
     """``--tuned 'cnn:32x256,32x1024;effnet:4x8'`` -> model -> ((B, ibs), ...); TUNED by default."""
     if text is None:
@@ -274,7 +281,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--effnet-images", type=int, default=32, help="efficientnet-lite0 images (default 32)")
     p.add_argument("--rss-images", type=int, default=None, help="1x size of the memory runs (default: --images)")
     p.add_argument("--no-ray", action="store_true", help="skip the Ray engine run")
-    p.add_argument("--no-effnet", action="store_true", help="digit model only")
+    p.add_argument("--models", default="cnn,effnet", help="throughput on these models (cnn, effnet; '' for none)")
+    p.add_argument("--no-rss", action="store_true", help="skip the 1x / 10x memory runs")
     p.add_argument("--default-images", type=int, default=None,
                    help="run the batch-1 default loop on this many images only (its images/s is per image)")
     p.add_argument("--tuned", default=None, help="peer knobs to try, e.g. 'cnn:32x256,32x1024;effnet:4x8' (B x ibs)")
@@ -290,16 +298,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         digits = digit_folder(work / "digits", n_digits)
         tuned = _tuned(args.tuned, quick)
-        results["cnn"] = bench_model("cnn", digit_model(), digits, 4, repeats, tuned["cnn"], work, args.default_images)
-        if not (quick or args.no_effnet):
+        models = [m for m in args.models.split(",") if m]
+        if "cnn" in models:
+            results["cnn"] = bench_model("cnn", digit_model(), digits, 4, repeats, tuned["cnn"], work,
+                                         args.default_images)
+            _partial(results, args)
+        if "effnet" in models and not quick:
             import heatlens as hl
 
             photos = photo_folder(work / "photos", args.effnet_images)
-            results["effnet"] = bench_model("effnet", hl.load_model("efficientnet-lite0"), photos, 8, repeats,
+            results["effnet"] = bench_model("effnet", hl.load_model("efficientnet-lite0").eval(), photos, 8, repeats,
                                             tuned["effnet"], work, args.default_images)
+            _partial(results, args)
         rss_n = 16 if quick else (args.rss_images or n_digits)
         sizes = {"cnn": rss_n} if quick else {"cnn": rss_n, "effnet": max(8, args.effnet_images)}
-        memory = bench_memory(work, sizes, args.threads)
+        memory = {} if args.no_rss else bench_memory(work, sizes, args.threads)
         ray_result = None if (quick or args.no_ray) else bench_ray(digits, work, 4)
         seconds = time.perf_counter() - t0
     finally:
@@ -328,7 +341,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "load_average_after": list(os.getloadavg()), "seconds": seconds, "models": results,
                "memory": memory, "ray": ray_result}
     if not args.no_json:
-        print(f"wrote {H.write_json('bench_audit' + ('_quick' if quick else ''), payload)}")
+        suffix = "_quick" if quick else ("" if args.models == "cnn,effnet" else "_" + args.models.replace(",", "_"))
+        print(f"wrote {H.write_json('bench_audit' + suffix, payload)}")
     return payload
 
 

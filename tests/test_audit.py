@@ -211,6 +211,21 @@ def test_in_memory_arrays_keep_their_inputs_and_an_object_model_has_no_spec(tmp_
     assert c.scores["label"].tolist() == data.y.tolist() and c.classes == data.labels
 
 
+def test_a_model_in_train_mode_is_left_bit_identical(tmp_path):
+    """Batch-norm statistics, modes and requires_grad survive an audit (the model contract)."""
+    from torch import nn
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(4, 3)).train()
+    model = hl.wrap(net, input_size=(3, 8, 8))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    hl.audit(model, x, out=tmp_path / "a", methods=["saliency", "gradcam"], metrics=["deletion"], shard_size=4)
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert net.training and all(m.training for m in net.modules()) and all(p.requires_grad for p in net.parameters())
+
+
 def test_folder_names_index_classes():
     assert class_indices(["0", "1", "10", "2"], None) == ({"0": 0, "1": 1, "10": 10, "2": 2}, "integers")
     assert class_indices(["espresso", "tabby"], ["tabby cat, tabby", "espresso"])[0] == {"espresso": 1, "tabby": 0}

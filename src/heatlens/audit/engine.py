@@ -55,6 +55,7 @@ class Plan:
     classes: tuple[str, ...] | None
     model_labels: tuple[str, ...] | None
     store_inputs: bool
+    num_classes: int
     stochastic: frozenset[str] = field(default_factory=frozenset)
 
     @property
@@ -205,15 +206,18 @@ def make_plan(clf: Classifier, source: Source, methods: tuple[str, ...], metrics
               method_options: dict, metric_options: dict, shard_size: int, map_size: int, seed: int,
               batch_size: int | None) -> Plan:
     from ..methods import METHODS
+    from ..models.hooks import frozen
 
     _, h, w = clf.input_size
+    with frozen(clf):  # the probe forward must not touch a model left in train mode (batch-norm statistics)
+        num_classes = clf.num_classes
     scale = min(1.0, map_size / max(h, w))
     labels = tuple(clf.labels) if clf.labels is not None else None
     return Plan(
         methods=methods, metrics=metrics, method_options=method_options, metric_options=metric_options,
         shard_size=shard_size, n_images=source.n, map_shape=(max(1, round(h * scale)), max(1, round(w * scale))),
         seed=seed, batch_size=batch_size, classes=source.classes or labels, model_labels=labels or source.classes,
-        store_inputs=not source.rereadable,
+        store_inputs=not source.rereadable, num_classes=num_classes,
         stochastic=frozenset(m for m in methods if METHODS.get(m).meta.get("stochastic")),
     )
 
@@ -242,7 +246,7 @@ def build_manifest(clf: Classifier, loadable: tuple, source: Source, plan: Plan)
         "source": {**source.description, "fingerprint": source.fingerprint, "labelled": source.labelled},
         "settings": settings, "n_images": plan.n_images, "n_shards": plan.n_shards,
         "classes": list(plan.classes) if plan.classes is not None else None,
-        "num_classes": clf.num_classes, "map_shape": list(plan.map_shape), "store_inputs": plan.store_inputs,
+        "num_classes": plan.num_classes, "map_shape": list(plan.map_shape), "store_inputs": plan.store_inputs,
         "shards": [], "complete": False,
     }
 
@@ -308,14 +312,23 @@ def load_shard(source: Source, clf: Classifier, plan: Plan, shard: int) -> Loade
 
 
 def compute_shard(clf: Classifier, loaded: Loaded, plan: Plan) -> ShardResult:
-    """Explain and score one loaded shard -> ShardResult (records, logits, small maps)."""
+    """Explain and score one loaded shard -> ShardResult (records, logits, small maps).
+
+    The model is frozen (eval mode, no parameter gradients) for the whole shard and restored after:
+    metrics run the model too, and a model left in train mode must not update batch-norm statistics."""
+    from ..models.hooks import frozen
+
+    with frozen(clf):
+        return _compute_shard(clf, loaded, plan)
+
+
+def _compute_shard(clf: Classifier, loaded: Loaded, plan: Plan) -> ShardResult:
     from .. import explain
     from ..metrics import evaluate
 
     n = loaded.stop - loaded.start
     ok = [i for i, e in enumerate(loaded.errors) if e is None]
-    k = clf.num_classes
-    logits = np.full((n, k), np.nan, dtype=np.float32)
+    logits = np.full((n, plan.num_classes), np.nan, dtype=np.float32)
     maps = {m: np.full((n, *plan.map_shape), np.nan, dtype=np.float16) for m in plan.methods}
     values = {m: {name: np.full(n, np.nan) for name in plan.metrics} for m in plan.methods}
     stats = {m: {name: np.full(n, np.nan) for name in MAP_STATS} for m in plan.methods}

@@ -179,9 +179,12 @@ def _add_demo(sub: Any, parents: Parents) -> None:
     p = sub.add_parser("demo", parents=[parents.common], help="the debugging story on the embedded digits, then a report",
                        description="Train the R255 CNN on digit sums with a planted shortcut, show the generalisation "
                                    "gap, find the shortcut with explanations and write an HTML report.")
-    p.add_argument("--shortcut", default="same_digit", help="planted shortcut: same_digit, marker, tint or border")
+    p.add_argument("--shortcut", default=None, help="planted shortcut: same_digit (default), marker, tint or border "
+                   "(with --audit: marker by default, none for a clean model)")
     p.add_argument("--out", default="heatlens-demo", help="output folder (default heatlens-demo)")
     p.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default: the story's own)")
+    p.add_argument("--audit", action="store_true", help="the story at dataset scale: export, audit, analyse, report "
+                   "(heatlens.audit.demo; --shortcut none for a clean model)")
     p.set_defaults(run=cmd_demo)
 
 
@@ -335,11 +338,15 @@ def cmd_sanity(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if getattr(args, "audit", False):
+        from .audit.demo import cli_demo
+
+        return cli_demo(args)
     from .report.story import run_demo
 
     out = OutputFolder(args.out)
     with out.staged() as stage:
-        run_demo(shortcut=args.shortcut, out=stage, seed=args.seed, epochs=args.epochs,
+        run_demo(shortcut=args.shortcut or "same_digit", out=stage, seed=args.seed, epochs=args.epochs,
                  device=args.device, progress=_progress_on(args))
     print(f"report: {out.path / 'report.html'}")
     return EXIT_OK

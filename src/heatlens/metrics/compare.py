@@ -17,6 +17,7 @@ from torch import Tensor
 from ..explanation import Explanation, MetricResult
 from ..methods._autograd import make_generator, prepare
 from ..methods.gradient import explanation as package
+from ..methods.multi import SHARED, one_pass
 from ..methods.registry import get_method, method_info
 from . import evaluate
 
@@ -114,9 +115,15 @@ def compare(
         metrics = [metrics]
     method_kwargs = method_kwargs or {}
     explanations: dict[str, Explanation] = {}
+    # saliency, gradient x input and the gradient CAMs share one forward+backward (methods.multi)
+    group = [m for m in methods if isinstance(m, str) and m in SHARED and not method_kwargs.get(m)]
+    shared = one_pass(model, x, group, target, batch_size=batch_size) if len(set(group)) >= 2 else {}
     for method in methods:
         info = method_info(method)
         name = info.name if info is not None else getattr(method, "__name__", str(method))
+        if name in shared:
+            explanations[name] = shared[name]
+            continue
         kwargs = dict(method_kwargs.get(name, {}))
         if info is not None and info.stochastic:
             kwargs.setdefault("seed", seed)

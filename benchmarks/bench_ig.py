@@ -176,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     case["captum_error_vs_reference"] = l1_error(best[1], ref)
                 case["reference_gap"] = relative_gap(net, x, base, t, ref)
             cases.append(case)
+            if not args.no_json:  # partial results survive an interrupted run
+                H.write_json("bench_ig_partial" + ("_quick" if args.quick else ""),
+                             {"cases": cases, "prices": price, "environment": H.environment(args.device)})
             print(f"  {b_name}/{name}: heatlens {passes} gap {case['heatlens']['gap']:.4f}; "
                   + ", ".join(f"{r} n={case[r]['n_steps']}" for r in rules)
                   + (f"; ratio {case['ratio']:.2f} (>= {case['ratio_lower']:.2f})" if "ratio" in case else ""),

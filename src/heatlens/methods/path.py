@@ -82,8 +82,8 @@ def integrated_gradients(
     (``heatlens.baselines``; ``seed`` drives "uniform"). method: quadrature, one of ``QUADRATURES``.
     extras["completeness_gap"] (N,) = f(x) - f(x') - sum(attributions) (0 for an exact integral);
     extras["baseline_scores"] (N,) = f(x').
-    steps="auto": points placed where the score changes until the completeness gap (and the sum of
-    per-interval errors) is within ``tolerance`` x |f(x) - f(x')| (``heatlens.methods._ig_auto``);
+    steps="auto": points placed where the score changes until the completeness gap is within
+    ``tolerance`` x |f(x) - f(x')| (``heatlens.methods._ig_auto``);
     ``method`` is then not used. extras["passes"] counts the passes ({"forward", "forward_backward"}).
     """
     p = prepare(model, x, target, output=output)

@@ -172,7 +172,7 @@ def resolve_site(p: Prepared, layer: LayerLike) -> Site:
     """``layer`` (name, module, None) -> Site; unknown names raise with the closest valid ones."""
     site = known_site(p.model, layer)
     if site is None:  # one trace per model: repeated calls (smoothing, sanity checks) reuse it
-        site = _auto_layers[p.model] = find_layer(p.model, p.x, p.targets)
+        site = _auto_layers[p.model.net] = find_layer(p.model, p.x, p.targets)
     return site
 
 
@@ -182,7 +182,7 @@ def known_site(model: Classifier, layer: LayerLike) -> Site | None:
     if model.net is None:
         raise TypeError("CAM methods hook a layer, but model is a black-box predict function; wrap the nn.Module instead")
     if layer is None:
-        cached = _auto_layers.get(model)
+        cached = _auto_layers.get(model.net)  # per net: a fresh wrapper of the same module reuses it
         return cached if cached is not None and _layer_or_none(model, cached.name) is cached.module else None
     name, module = resolve_layer(model, layer)
     return Site(_public(name), module)
@@ -246,7 +246,7 @@ def _gradient_cams(ctx: CamContext, combine: Combine, tapped: _TappedPass | None
     def step(start: int, stop: int) -> Tensor:
         recorded = None if tapped is None else take_recorded(tapped, p.x[start:stop])
         if recorded is not None:
-            scores = target_scores(recorded[1], p.targets[start:stop], ctx.output)
+            scores = target_scores(recorded[1], p.targets[start:stop], ctx.output, binary=p.model.binary)
             acts = _picked(tapped.outputs, site)
             (grads,) = torch.autograd.grad(scores.sum(), [acts], allow_unused=True)
         else:

@@ -19,6 +19,7 @@ from ..methods._autograd import make_generator, prepare
 from ..methods.gradient import explanation as package
 from ..methods.multi import SHARED, one_pass
 from ..methods.registry import get_method, method_info
+from ..models.adapter import guarded
 from . import evaluate
 
 
@@ -90,6 +91,7 @@ class Comparison:
         return self.to_text()
 
 
+@guarded  # one guarded scope for all its explanations and scores (models.adapter.guarded)
 def compare(
     model: Any,
     x: Tensor,

@@ -197,10 +197,12 @@ def available_models() -> dict[str, str]:
     return {name: entry.description for name, entry in ZOO.items()}
 
 
-def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device | None = None) -> Classifier:
+def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None) -> Classifier:
     """A pretrained model by zoo name (``available_models()``) or a Keras 3 ``.keras`` file -> Classifier.
 
-    device: where to put a zoo model (default CPU). Keras places its models itself (its
+    device: where to put a zoo model (default CPU). dtype: a floating dtype for a zoo model's weights
+    (e.g. ``torch.bfloat16``; default float32): inputs are cast to it (docs/models.md). Keras places its models itself (its
     ``KERAS_TORCH_DEVICE`` setting); a different ``device`` for a Keras file is refused.
     Unknown names raise ``ValueError`` with the closest zoo names; a missing file ``FileNotFoundError``.
     """
@@ -211,7 +213,9 @@ def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device | 
         )
     text = os.fspath(name_or_path)
     if isinstance(name_or_path, str) and text in ZOO:
-        return ZOO[text].build().to(torch.device(device) if device is not None else "cpu")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
+        return ZOO[text].build().to(torch.device(device) if device is not None else "cpu", dtype)
     if _looks_like_path(name_or_path):
         return _load_file(Path(text), device)
     raise unknown_name("model", text, list(ZOO))

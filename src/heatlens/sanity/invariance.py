@@ -50,7 +50,8 @@ class ShiftPad(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         ph, pw = self.padding
-        return F.pad(x - self.shift, (pw, pw, ph, ph)) + self.shift
+        shift = self.shift.to(x.dtype)  # a bfloat16 model must not be promoted to float32 here
+        return F.pad(x - shift, (pw, pw, ph, ph)) + shift
 
 
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:

@@ -21,7 +21,7 @@ from torch import Tensor
 from ..batching import map_batches
 from ..explanation import Explanation
 from ..models.adapter import as_classifier, target_scores
-from ..models.hooks import frozen, tap
+from ..models.hooks import guard, tap
 from ..targets import TargetLike
 from ._autograd import fast_layout, gradient_method, prepare, take_recorded
 from .gradient import explanation
@@ -93,7 +93,7 @@ def one_pass(model: Any, x: Any, methods: Sequence[str], target: TargetLike = "p
         raise TypeError(f"relu must be True or False, got {relu!r}")
     clf = as_classifier(model, x)
     clf.require_gradients(methods[0])
-    with frozen(clf), gradient_method(True):
+    with guard(clf), gradient_method(True):  # the model lock, eval mode, frozen parameters
         return _one_pass(clf, x, list(methods), target, output, layer, relu, batch_size)
 
 

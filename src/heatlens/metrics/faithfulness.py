@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..baselines import BaselineLike, resolve_baseline
 from ..explanation import Explanation, MetricResult
+from ..models.adapter import guarded
 from ..methods._autograd import make_generator, scores_over
 from ..validation import check_choice, check_positive_int
 from . import canonical, describe, draw, item_noise, register_metric, result, sample_range
@@ -61,6 +62,7 @@ def deletion(
                          output=output, batch_size=batch_size, seed=seed)
 
 
+@guarded
 def insertion_deletion(
     model: Any, x: Tensor, explanation: Explanation | Tensor, target: Any = None, *,
     granularity: int | Tensor = 8, steps: int | None = 100, features_per_step: int | None = None,

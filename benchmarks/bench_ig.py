@@ -27,6 +27,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -178,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             cases.append(case)
             if not args.no_json:  # partial results survive an interrupted run
                 H.write_json("bench_ig_partial" + ("_quick" if args.quick else ""),
-                             {"cases": cases, "prices": price, "environment": H.environment(args.device)})
+                             {"cases": cases, "prices": price, "environment": H.environment(args.device)},
+                             Path(args.results) if args.results else H.RESULTS)
             print(f"  {b_name}/{name}: heatlens {passes} gap {case['heatlens']['gap']:.4f}; "
                   + ", ".join(f"{r} n={case[r]['n_steps']}" for r in rules)
                   + (f"; ratio {case['ratio']:.2f} (>= {case['ratio_lower']:.2f})" if "ratio" in case else ""),
@@ -204,8 +206,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                "environment": H.environment(args.device), "cases": cases, "summary": summary,
                "reference_steps": args.reference_steps, "wall_s": time.perf_counter() - started}
     if not args.no_json:
-        from pathlib import Path
-
         directory = Path(args.results) if args.results else H.RESULTS
         print(f"wrote {H.write_json('bench_ig' + ('_quick' if args.quick else ''), payload, directory)}")
     return payload

@@ -48,6 +48,8 @@ def evaluate(model: Any, x: Any, explanation: Any, metrics: str | Sequence[str] 
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("recommend", "recommend_per_class", "Recommendation"):  # which method to trust (recommendation.py)
+        return getattr(importlib.import_module(".recommendation", __name__), name)
     if name in _LAZY:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'heatlens' has no attribute {name!r}")

@@ -3,6 +3,7 @@
     heatlens explain IMAGES... --model efficientnet-lite0 --method gradcam,smoothgrad,lime --out DIR
     heatlens evaluate IMAGES... --method occlusion --metric insertion,deletion
     heatlens sanity IMAGES... --method saliency --check model_randomization
+    heatlens recommend IMAGES... --method saliency,gradcam,occlusion   which method to trust, ranked
     heatlens demo [--shortcut same_digit]      the whole debugging story on the embedded digits -> report
     heatlens methods | models
 
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", default="model_randomization", help="comma-separated checks (see heatlens.sanity)")
     p.add_argument("--out", default=None, help="also write an HTML report into this folder")
     p.set_defaults(run=cmd_sanity)
+
+    _add_recommend(sub, model_args, common)  # `heatlens recommend`: which method to trust (recommendation.py)
 
     p = sub.add_parser("demo", parents=[common], help="the debugging story on the embedded digits, then a report",
                        description="Train the R255 CNN on digit sums with a planted shortcut, show the generalisation "
@@ -219,6 +222,54 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       device=args.device, progress=not args.no_progress)
     print(f"report: {report}")
     return EXIT_OK
+
+
+# --- recommend: a self-contained block (parser + command) ---------------------------------------
+def _add_recommend(sub: Any, model_args: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    from .recommendation import DEFAULT_CHECKS, DEFAULT_METHODS, DEFAULT_METRICS
+
+    p = sub.add_parser("recommend", parents=[model_args, common], help="rank methods: which one to trust",
+                       description="Rank explanation methods for this model: faithfulness against a Random map, "
+                                   "sanity checks, robustness and cost, with a verdict per method and the "
+                                   "ranking's stability. Takes a few minutes for the defaults on 8 photos.")
+    p.add_argument("--method", default=",".join(DEFAULT_METHODS), help="comma-separated method names")
+    p.add_argument("--metric", default=",".join(DEFAULT_METRICS),
+                   help="faithfulness and robustness metrics (default %(default)s)")
+    p.add_argument("--check", default=",".join(DEFAULT_CHECKS), help="sanity checks, or 'none' (default %(default)s)")
+    p.add_argument("--fills", default="blur,black", help="fills of the perturbation metrics (default %(default)s)")
+    p.add_argument("--steps", type=int, default=25, help="curve intervals of insertion/deletion (default 25)")
+    p.add_argument("--check-images", type=int, default=4, help="images the checks run on (default 4)")
+    p.add_argument("--out", default=None, help="also write recommendation.html, rank.png and table.csv here")
+    p.add_argument("--json", dest="json_path", default=None, help="also write the rows as JSON to this file")
+    p.set_defaults(run=cmd_recommend)
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from .recommendation import recommend
+
+    methods = _split(args.method)
+    _check_methods(methods)
+    checks = [] if args.check.strip().lower() == "none" else _split(args.check)
+    paths = find_images(args.images)
+    model = _load_model(args)
+    x = model.preprocess([str(p) for p in paths])
+    rec = recommend(model, x, methods, _split(args.metric), checks, target=_target(args.target),
+                    fills=_split(args.fills), steps=args.steps, check_images=args.check_images, seed=args.seed,
+                    batch_size=args.batch_size, verbose=not args.no_progress)
+    print(rec.to_text())
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(rec.rows, indent=2, default=str))
+    if args.out:
+        from .report.html import write_report
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        rec.table.to_csv(out / "table.csv")
+        rec.plot().savefig(out / "rank.png", dpi=110, bbox_inches="tight")
+        report = write_report(out / "recommendation.html", "heatlens: which method to trust", [rec.section()],
+                              subtitle=f"{model.name}, {len(paths)} image(s)")
+        print(f"report: {report}")
+    return EXIT_OK if rec.best is not None else EXIT_FAILED
 
 
 # --- helpers -------------------------------------------------------------------------------------

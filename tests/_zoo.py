@@ -201,6 +201,31 @@ def black_box_binary() -> ZooModel:
     return ZooModel(predict, {"input_size": (3, SIZE, SIZE)}, _x(), net, differentiable=False)
 
 
+def _hf(kind: str) -> ZooModel:
+    """A tiny randomly initialised Hugging Face classifier (8x8 input, 2x2 patches) built from its config;
+    notes["attention"]: it has global self-attention (the transformer methods apply)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    common = dict(image_size=SIZE, patch_size=2, num_labels=CLASSES)
+    if kind == "swin":
+        net = T.SwinForImageClassification(T.SwinConfig(**common, embed_dim=8, depths=[1, 1], num_heads=[1, 1],
+                                                        window_size=2))
+    else:
+        config = dict(**common, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+        net = (T.ViTForImageClassification(T.ViTConfig(**config)) if kind == "vit"
+               else T.DeiTForImageClassificationWithTeacher(T.DeiTConfig(**config)))
+    return ZooModel(net.eval(), {}, _x(), net, notes={"attention": kind != "swin"})
+
+
+def _hf_patterns() -> dict[str, Callable[[], ZooModel]]:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:  # the hf extra is not installed: the zoo runs without these patterns
+        return {}
+    return {f"hf_{kind}": (lambda kind=kind: _hf(kind)) for kind in ("vit", "deit", "swin")}
+
+
 ZOO: dict[str, Callable[[], ZooModel]] = {
     "view_net": view_net,
     "grayscale": grayscale,
@@ -213,6 +238,7 @@ ZOO: dict[str, Callable[[], ZooModel]] = {
     "train_mode": train_mode,
     "residual": residual,
     "black_box_binary": black_box_binary,
+    **_hf_patterns(),  # ViT, DeiT (distillation token), Swin (windowed attention): models/hf.py
 }
 
 

@@ -96,7 +96,7 @@ def test_cli_splits_names_and_options():
     assert cli.split_args(["methods", "occlusion", "--quick", "--device", "cuda"]) == (
         ["methods", "occlusion"], ["--quick", "--device", "cuda"])
     assert cli.split_args(["--quick"]) == ([], ["--quick"])
-    with pytest.raises(ValueError, match="unknown benchmark 'nope'; available: bench_allocator, bench_batch, bench_ig, bench_lime"):
+    with pytest.raises(ValueError, match="unknown benchmark 'nope'; available: bench_allocator, .*bench_lime"):
         cli.main(["nope"])
     with pytest.raises(ValueError, match=r"unknown method\(s\) \['nope'\]"):
         B.main(["--quick", "--methods", "nope", "--no-json"])

@@ -104,7 +104,7 @@ def test_load_model_errors_name_the_problem(tmp_path):
     other.write_bytes(b"\x00")
     with pytest.raises(ValueError, match=re.escape(f"cannot load model file {str(other)!r}: load_model reads")):
         hl.load_model(str(other))
-    with pytest.raises(TypeError, match="name_or_path must be a zoo name or a file path, got Linear"):
+    with pytest.raises(TypeError, match="spec must be a zoo name, a file path or 'package.module:function', got Linear"):
         load_model(nn.Linear(2, 2))
     assert set(available_models()) == {"efficientnet-lite0"}
 

@@ -280,6 +280,7 @@ def wrap(
     * a function ``numpy (N,C,H,W) float32 -> (N,K)`` (probabilities or logits, detected when
       ``outputs`` is None); works with every black-box method (occlusion, LIME, KernelSHAP, RISE, metrics).
     * a Keras 3 model (torch backend): layout and input_size default to the model's own (``models.keras``).
+    * a ``transformers`` image classifier: input size, labels and preprocessing from its config (``models.hf``).
     layout: ``"NCHW"`` (default) or ``"NHWC"``.
     select: where the class scores are when the module returns a tuple, list, dict or object: an index
     (``select=1`` for ``(aux, logits)``), a key or attribute name, or a function ``output -> (N,K)``.
@@ -296,6 +297,12 @@ def wrap(
 
         return wrap_keras(model, input_size=input_size, labels=labels, preprocessing=preprocessing,
                           outputs=outputs, layout=layout, name=name)
+    from .hf import is_hf_model
+
+    if is_hf_model(model):  # transformers ...ForImageClassification: size, labels, preprocessing from its config
+        from .hf import wrap_hf
+
+        return wrap_hf(model, input_size=input_size, labels=labels, preprocessing=preprocessing, name=name)
     layout = layout or "NCHW"
     if input_size is None:
         raise ValueError("input_size is required: the (C,H,W) of one model input, e.g. input_size=(3, 224, 224)")

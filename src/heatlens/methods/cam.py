@@ -362,7 +362,9 @@ def cam_method(name: str, combine: Combine, *, gradients: bool = True, output: s
         f"{description}.\n\nattributions (N,1,h,w) at ``layer`` (None: ``find_layer``), ReLU'd unless ``relu=False``; "
         "``.maps()`` upsamples bilinearly. params['layer'] names the layer used. See ``heatlens.methods.cam``."
     )
-    return register(name, family="cam", needs_grad=gradients, description=description)(method)
+    registered = register(name, family="cam", needs_grad=gradients, description=description)(method)
+    registered.combine = combine  # type: ignore[attr-defined]  # methods.multi runs several CAMs from one pass
+    return registered
 
 
 # --- variants: how channels are weighed -----------------------------------------------------------

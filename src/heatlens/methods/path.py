@@ -71,8 +71,9 @@ def _path_gradient_sum(p: Prepared, baselines: Tensor, alphas: Tensor, weights: 
           description="Integrated Gradients: path integral of gradients from a baseline (Sundararajan et al., 2017)")
 def integrated_gradients(
     model: Classifier, x: Tensor, target: TargetLike = "predicted", *,
-    baseline: BaselineLike = "zeros", steps: int = 50, method: str = "gausslegendre",
-    output: str = "logit", batch_size: int | None = None, seed: int | torch.Generator | None = None,
+    baseline: BaselineLike = "zeros", steps: int | str = 50, method: str = "gausslegendre",
+    tolerance: float = 0.01, output: str = "logit", batch_size: int | None = None,
+    seed: int | torch.Generator | None = None,
 ) -> Explanation:
     """Integrated Gradients (Sundararajan et al., 2017).
 
@@ -81,20 +82,43 @@ def integrated_gradients(
     (``heatlens.baselines``; ``seed`` drives "uniform"). method: quadrature, one of ``QUADRATURES``.
     extras["completeness_gap"] (N,) = f(x) - f(x') - sum(attributions) (0 for an exact integral);
     extras["baseline_scores"] (N,) = f(x').
+    steps="auto": points placed where the score changes until the completeness gap is within
+    ``tolerance`` x |f(x) - f(x')| (``heatlens.methods._ig_auto``);
+    ``method`` is then not used. extras["passes"] counts the passes ({"forward", "forward_backward"}).
     """
     p = prepare(model, x, target, output=output)
     baselines = resolve_baseline(p.model, p.x, baseline, generator=make_generator(seed))
-    alphas, weights = quadrature(method, steps)
-    grad_sum = _path_gradient_sum(p, baselines, alphas, weights, output, batch_size)
+    auto = _check_steps(steps, tolerance)
+    if auto:
+        from ._ig_auto import adaptive_gradient_sum
+
+        grad_sum, base_scores, auto_extras = adaptive_gradient_sum(p, baselines, tolerance, output, batch_size)
+    else:
+        alphas, weights = quadrature(method, steps)
+        grad_sum = _path_gradient_sum(p, baselines, alphas, weights, output, batch_size)
+        with torch.inference_mode():
+            base_scores = p.model.score(baselines, p.targets, output).float()
+        auto_extras = {"passes": {"forward": p.x.shape[0], "forward_backward": steps * p.x.shape[0]}}
     attributions = (p.x - baselines) * grad_sum
-    with torch.inference_mode():
-        base_scores = p.model.score(baselines, p.targets, output).float()
     x_scores = p.scores(output)
     gap = x_scores - base_scores - attributions.flatten(1).sum(1).float()
-    _warn_if_unconverged(gap, x_scores - base_scores, steps, method)
-    params = {"baseline": _describe(baseline), "steps": steps, "method": method, "output": output}
-    extras = {"completeness_gap": gap, "baseline_scores": base_scores, "scores": x_scores}
+    _warn_if_unconverged(gap, x_scores - base_scores, steps, "adaptive" if auto else method)
+    params = {"baseline": _describe(baseline), "steps": steps, "method": "adaptive" if auto else method,
+              "output": output, **({"tolerance": tolerance} if auto else {})}
+    extras = {"completeness_gap": gap, "baseline_scores": base_scores, "scores": x_scores,
+              "relative_gap": gap.abs() / (x_scores - base_scores).abs().clamp_min(1e-12), **auto_extras}
     return explanation(p, attributions, "integrated_gradients", params, extras)
+
+
+def _check_steps(steps: object, tolerance: object) -> bool:
+    """True for steps="auto" (then tolerance must be in (0, 1)); an int steps is checked by ``quadrature``."""
+    if isinstance(steps, str):
+        if steps != "auto":
+            raise ValueError(f"steps must be a positive integer or 'auto', got {steps!r}")
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
+            raise ValueError(f"tolerance must be a number in (0, 1) (a fraction of |f(x) - f(baseline)|), got {tolerance!r}")
+        return True
+    return False
 
 
 GAP_TOLERANCE = 0.05  # relative completeness gap above which the integral has visibly not converged

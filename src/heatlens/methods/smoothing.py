@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..batching import default_batch_size, map_batches
+from ..batching import map_batches
 from ..explanation import Explanation
 from ..models.adapter import Classifier
 from ..targets import TargetLike
@@ -94,22 +94,26 @@ def smooth(
         flat = p.x.flatten(1)
         sigma = (noise * (flat.amax(1) - flat.amin(1))).view(1, n, 1, 1, 1)
         moments = RunningMoments()
-        draws_per_chunk = max(1, (batch_size or default_batch_size(p.model, p.model.input_size, grad=True)) // n)
+        # one engine item = one draw of all n images: the engine measures how many draws per batch are
+        # fastest (batch_size=None) and the inner method runs each chunk as one batch
+        draws_per_chunk = None if batch_size is None else max(1, batch_size // n)
+        draw_shape = tuple(p.model.input_size) if n == 1 else (n, *p.model.input_size)
 
         def step(start: int, stop: int) -> None:
             k = stop - start
-            eps = torch.randn((k, *p.x.shape), generator=gen).to(p.x.device, p.x.dtype)
+            # one draw at a time from the generator, so a seed gives the same noise whatever the chunking
+            eps = torch.stack([torch.randn(p.x.shape, generator=gen) for _ in range(k)]).to(p.x.device, p.x.dtype)
             noisy = (p.x.unsqueeze(0) + sigma * eps).reshape(k * n, *p.x.shape[1:])
             repeated = {key: _repeat(val, k, n) if key in per_sample else val for key, val in kwargs.items()}
             inner_seed = None if info is None or not info.stochastic else int(torch.randint(0, 2**62, (1,), generator=gen))
             if inner_seed is not None:
                 repeated.setdefault("seed", inner_seed)
-            e = inner(p.model, noisy, p.targets.repeat(k), batch_size=batch_size, **repeated)
+            e = inner(p.model, noisy, p.targets.repeat(k), batch_size=k * n, **repeated)
             a = e.attributions
             moments.update(a.reshape(k, n, *a.shape[1:]).double())
 
-        map_batches(step, n_samples, batch_size=draws_per_chunk, grad=True, consume=lambda *_: None,
-                    desc=f"smooth({inner_name})")
+        map_batches(step, n_samples, batch_size=draws_per_chunk, grad=True, model=p.model, item_shape=draw_shape,
+                    consume=lambda *_: None, desc=f"smooth({inner_name})")
         attributions = moments.statistic(statistic).to(p.x.dtype)
         name = smoothed.__name__
         params = {"n_samples": n_samples, "noise": noise, "statistic": statistic, "inner": inner_name, **kwargs}

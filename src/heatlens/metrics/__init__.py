@@ -109,7 +109,15 @@ def evaluate(
         metrics = [metrics]
     per_metric = {k: options.pop(k) for k in list(options) if isinstance(options[k], dict) and k in METRICS}
     results: dict[str, MetricResult] = {}
+    if "insertion" in metrics and "deletion" in metrics:  # one ranking, one run, shared end points
+        pair = [{**_accepted(get_metric(m), options), **per_metric.get(m, {})} for m in ("insertion", "deletion")]
+        if pair[0] == pair[1]:
+            from .faithfulness import insertion_deletion
+
+            results.update(insertion_deletion(model, x, explanation, **pair[0]))
     for metric in metrics:
+        if isinstance(metric, str) and metric in results:
+            continue
         fn = get_metric(metric)
         info = metric_info(metric)
         key = info.name if info is not None else getattr(fn, "__name__", str(metric))
@@ -117,7 +125,13 @@ def evaluate(
             raise ValueError(f"metric {key!r} needs a ground-truth mask: pass mask=(N,H,W) bool tensor")
         kwargs = {**_accepted(fn, options), **per_metric.get(key, {})}
         results[key] = fn(model, x, explanation, **kwargs)
-    return results
+    return _in_order(results, metrics)
+
+
+def _in_order(results: dict[str, MetricResult], metrics: Sequence[Any]) -> dict[str, MetricResult]:
+    """results in the order the metrics were asked for (a shared pair is computed first)."""
+    names = [m for m in metrics if isinstance(m, str)]
+    return {**{k: results[k] for k in names if k in results}, **{k: v for k, v in results.items() if k not in names}}
 
 
 def _accepted(fn: Callable[..., Any], options: dict[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from ..models.adapter import Classifier, as_classifier
 from ..models.hooks import frozen
 from ..models.preprocessing import Preprocessing
 from ..targets import TargetLike, resolve_target
-from ..validation import check_choice, check_finite, check_fraction, check_images, check_positive_int
+from ..validation import check_choice, check_finite, check_fraction, check_images, check_positive_int, is_integer, is_number
 from ._autograd import Prepared, make_generator, prepare
 from .adversarial import check_epsilon, class_name, to_display, triptych
 from .gradient import explanation
@@ -135,12 +135,12 @@ def cell_masks(size: tuple[int, int], grid: tuple[int, int]) -> Tensor:
 def _grid(size: tuple[int, int], grid: Any, cell_size: Any) -> tuple[int, int]:
     """(rows, cols) from ``grid`` or from ``cell_size`` (pixels, int or (h, w))."""
     if cell_size is not None:
-        ch, cw = (cell_size, cell_size) if isinstance(cell_size, int) else tuple(cell_size)
+        ch, cw = (cell_size, cell_size) if is_integer(cell_size) else tuple(cell_size)
         check_positive_int(ch, "cell_size")
         check_positive_int(cw, "cell_size")
         grid = (math.ceil(size[0] / ch), math.ceil(size[1] / cw))
     if (not isinstance(grid, (tuple, list)) or len(grid) != 2
-            or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)):
+            or not all(is_integer(g) and g >= 1 for g in grid)):
         raise ValueError(f"grid must be (rows, cols) of positive integers, got {grid!r}")
     if grid[0] > size[0] or grid[1] > size[1]:
         raise ValueError(f"grid {tuple(grid)} has more cells than pixels in an image of size {tuple(size)}")
@@ -328,7 +328,7 @@ def optimize_counterfactual(
     """
     check_fraction(l1, "l1")
     for name, value in (("tv", tv), ("kappa", kappa)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        if not is_number(value) or value < 0:
             raise ValueError(f"{name} must be a non-negative number, got {value!r}")
     check_epsilon(lr, "lr")
     check_positive_int(steps, "steps")

@@ -26,7 +26,7 @@ from ..batching import map_batches
 from ..explanation import Explanation
 from ..models.adapter import Classifier
 from ..targets import TargetLike
-from ..validation import check_positive_int
+from ..validation import check_positive_int, is_integer, is_number
 from ._autograd import Prepared, make_generator, prepare, scores_over
 from .gradient import explanation
 from .registry import register
@@ -44,10 +44,10 @@ def _pair(value: Pair, name: str) -> tuple[int, int]:
     """An int or an (height, width) pair of positive ints."""
     if isinstance(value, bool):
         raise ValueError(f"{name} must be a positive int or a (height, width) pair, got {value!r}")
-    if isinstance(value, int):
+    if is_integer(value):
         value = (value, value)
     if (not isinstance(value, (tuple, list)) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            or not all(is_integer(v) for v in value)):
         raise ValueError(f"{name} must be a positive int or a (height, width) pair, got {value!r}")
     if min(value) < 1:
         raise ValueError(f"{name} must be >= 1 in both dimensions, got {tuple(value)}")
@@ -286,7 +286,7 @@ class _MaskDraws:
 def _rise_setup(size: tuple[int, int], n_masks: int, grid: Pair | None, cell_size: int | None,
                 p_keep: float, seed: int | torch.Generator | None) -> _MaskDraws:
     check_positive_int(n_masks, "n_masks")
-    if isinstance(p_keep, bool) or not isinstance(p_keep, (int, float)) or not 0 < float(p_keep) <= 1:
+    if not is_number(p_keep) or not 0 < float(p_keep) <= 1:
         raise ValueError(f"p_keep must be a probability in (0, 1], got {p_keep!r}")
     if cell_size is not None:
         if grid is not None:

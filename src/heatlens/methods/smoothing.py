@@ -17,7 +17,7 @@ from ..batching import default_batch_size, map_batches
 from ..explanation import Explanation
 from ..models.adapter import Classifier
 from ..targets import TargetLike
-from ..validation import check_choice, check_positive_int
+from ..validation import check_choice, check_positive_int, is_number
 from ._autograd import make_generator, prepare
 from .gradient import explanation, saliency
 from .registry import get_method, method_info, register
@@ -86,7 +86,7 @@ def smooth(
         seed: int | torch.Generator | None = None, batch_size: int | None = None, **kwargs: Any,
     ) -> Explanation:
         check_positive_int(n_samples, "n_samples")
-        if not isinstance(noise, (int, float)) or noise < 0:
+        if not is_number(noise) or noise < 0:  # NaN and inf are refused here, by name
             raise ValueError(f"noise must be a non-negative fraction of the input range, got {noise!r}")
         p = prepare(model, x, target)
         n = p.x.shape[0]

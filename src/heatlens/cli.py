@@ -247,7 +247,7 @@ def write_overlays(out: Path, paths: Sequence[Path], images, explanations: dict)
 
     written = []
     for name, e in explanations.items():
-        maps = e.maps("sum_abs" if e.attributions.shape[1] > 1 else "sum").detach().cpu().float().numpy()
+        maps = e.maps().detach().cpu().float().numpy()  # the one map rule: signed per-location, sum_abs gradients
         for i, p in enumerate(paths):
             signed = bool((maps[i] < 0).any())
             rgb = overlay(images[i], maps[i], cmap="bwr" if signed else "jet", alpha=0.55)

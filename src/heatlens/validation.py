@@ -93,6 +93,16 @@ def is_number(value: object) -> bool:
             and math.isfinite(float(value)))
 
 
+def check_outputs(logits: Tensor, where: str = "x") -> Tensor:
+    """Raise when the model's own outputs are NaN or infinite: every score built on them would be too,
+    and the fault is the model's (or the input's), not the explanation's."""
+    if not bool(torch.isfinite(logits).all()):
+        bad = int((~torch.isfinite(logits)).sum())
+        raise ValueError(f"model outputs at {where} contain {bad} NaN or infinite values: "
+                         "the model itself fails on this input (check its weights and x)")
+    return logits
+
+
 def check_positive_int(value: object, name: str, *, minimum: int = 1) -> int:
     """An integer hyperparameter such as ``steps`` or ``n_samples`` (NumPy integers accepted) -> int."""
     if not is_integer(value) or value < minimum:  # type: ignore[operator]

@@ -450,7 +450,7 @@ eigencam = cam_method("eigencam", _eigencam, gradients=False,
                       description="Eigen-CAM: first principal component of the activations, class-agnostic (Muhammad & Yeasin, 2020)")
 
 
-@register("guided_gradcam", family="cam", needs_grad=True,
+@register("guided_gradcam", family="cam", needs_grad=True, map_kind="gradient",
           description="Guided Grad-CAM: guided backpropagation times upsampled Grad-CAM (Selvaraju et al., 2017)")
 def guided_gradcam(
     model: Classifier, x: Tensor, target: TargetLike = "predicted", *,

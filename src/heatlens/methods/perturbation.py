@@ -155,8 +155,8 @@ def occlusion(
     = window). superpixel_size: the CSEP 590B form, non-overlapping squares (window = stride = it).
     baseline: what an occluded window shows: "zeros" | "black" | "white" | "mean" | "blur" |
     ``heatlens.baselines.blur(sigma)`` | float | Tensor | callable (``seed`` drives "uniform").
-    attributions (N,C,H,W): per pixel, the mean over the windows covering it of
-    score(x) - score(x occluded), the same in every channel (as Captum with a full-channel window).
+    attributions (N,1,H,W), signed: per pixel, the mean over the windows covering it of
+    score(x) - score(x occluded) (Captum with a full-channel window repeats it over channels).
     extras["windows"] (N,nh,nw): the drop of each window position (top-left at i*stride).
     """
     p = prepare(model, x, target, output=output)
@@ -164,7 +164,7 @@ def occlusion(
     win, step = _occlusion_geometry(size, window, stride, superpixel_size)
     drops = _occlusion_drops(p, _baselines(p, baseline, seed), win, step, output, batch_size)
     per_pixel = _spread(drops, size, win, step).to(p.x.dtype)
-    attributions = per_pixel[:, None].expand(-1, p.x.shape[1], -1, -1).contiguous()
+    attributions = per_pixel[:, None]  # (N,1,H,W): one score per location, not one per channel
     params = {"window": win, "stride": step, "baseline": _describe(baseline), "output": output}
     return explanation(p, attributions, "occlusion", params, {"windows": drops.to(p.x.dtype)})
 
@@ -231,7 +231,7 @@ def feature_ablation(
     a segmentation name ("slic", "quickshift", "felzenszwalb", "grid"); or None for a regular grid of
     ``superpixel_size`` squares. Each segment, in all channels, is replaced by ``baseline`` (as in
     ``occlusion``) and every pixel of it gets score(x) - score(x ablated).
-    attributions (N,C,H,W), the same in every channel. extras["segments"] (N,H,W) labels renumbered
+    attributions (N,1,H,W), signed, one score per location. extras["segments"] (N,H,W) labels renumbered
     0..S_i-1 per image; extras["drops"] (N, max S_i): each segment's drop, NaN past an image's S_i.
     """
     p = prepare(model, x, target, output=output)
@@ -248,7 +248,7 @@ def feature_ablation(
     scores = scores_over(p.model, image.numel(), build, output=output, batch_size=batch_size,
                          desc="feature ablation")
     drops = p.scores(output)[image] - scores  # (T,)
-    attributions = drops[ids].to(p.x.dtype)[:, None].expand(-1, p.x.shape[1], -1, -1).contiguous()
+    attributions = drops[ids].to(p.x.dtype)[:, None]  # (N,1,H,W): one score per segment pixel
     padded = torch.full((p.x.shape[0], int(local.max()) + 1), float("nan"), device=p.x.device)
     padded[image, local] = drops
     params = {"segments": _describe(segments) if segments is not None else f"grid({superpixel_size})",

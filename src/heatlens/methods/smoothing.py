@@ -94,6 +94,7 @@ def smooth(
         flat = p.x.flatten(1)
         sigma = (noise * (flat.amax(1) - flat.amin(1))).view(1, n, 1, 1, 1)
         moments = RunningMoments()
+        inner_kind: list[str] = []
         draws_per_chunk = max(1, (batch_size or default_batch_size(p.model, p.model.input_size, grad=True)) // n)
 
         def step(start: int, stop: int) -> None:
@@ -106,6 +107,7 @@ def smooth(
                 repeated.setdefault("seed", inner_seed)
             e = inner(p.model, noisy, p.targets.repeat(k), batch_size=batch_size, **repeated)
             a = e.attributions
+            inner_kind[:] = [e.kind]
             moments.update(a.reshape(k, n, *a.shape[1:]).double())
 
         map_batches(step, n_samples, batch_size=draws_per_chunk, grad=True, consume=lambda *_: None,
@@ -113,7 +115,9 @@ def smooth(
         attributions = moments.statistic(statistic).to(p.x.dtype)
         name = smoothed.__name__
         params = {"n_samples": n_samples, "noise": noise, "statistic": statistic, "inner": inner_name, **kwargs}
-        result = explanation(p, attributions, name, _printable(params))
+        # the smoothed map is of the inner method's kind (smooth(gradcam) is a per-location map)
+        kind = inner_kind[0] if inner_kind else None
+        result = explanation(p, attributions, name, _printable(params), map_kind=kind)
         return result
 
     smoothed.__name__ = f"smooth({inner_name})" if statistic == "mean" else f"smooth({inner_name}, {statistic})"

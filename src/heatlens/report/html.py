@@ -131,7 +131,7 @@ def explanation_section(
     *,
     labels: Sequence[str] | None = None,
     true_labels: Sequence[int] | None = None,
-    reduce: str = "sum_abs",
+    reduce: str | None = None,  # None: the one map rule of Explanation.maps
     cell_width: int = 180,
 ) -> Section:
     """A grid: one row per image (original first), one column per method, overlays embedded.
@@ -157,7 +157,7 @@ def explanation_section(
                  f"<div class='cell'>{html.escape(caption)}</div></div>"]
         for m in names:
             e = explanations[m]
-            heat = e.maps(reduce if e.attributions.shape[1] > 1 else "sum")[i].detach().cpu().float().numpy()
+            heat = e.maps(reduce)[i].detach().cpu().float().numpy()
             signed = bool((heat < 0).any())
             rgb = overlay(images[i], heat, cmap="bwr" if signed else "jet", alpha=0.55)
             cells.append(f"<div>{img_tag(png_data_uri(rgb), m, cell_width)}</div>")

@@ -150,7 +150,7 @@ def _layer_groups(clf: nn.Module, layers: Sequence[str | nn.Module] | None) -> l
 
 
 def _maps(e: Explanation) -> Tensor:
-    return e.maps("sum_abs" if e.attributions.shape[1] > 1 else "sum").detach().float().cpu()
+    return e.maps().detach().float().cpu()  # the one map rule (Explanation.maps)
 
 
 def model_randomization(

@@ -6,7 +6,7 @@ The user's model is never edited: checks that change weights work on a deep copy
 
 * ``model_randomization`` — cascading / independent parameter randomisation (Adebayo et al., 2018)
 * ``random_logit`` — explanation of a random other class (Sixt et al., 2020)
-* ``input_invariance`` — constant input shift absorbed by the first bias (Kindermans et al., 2019)
+* ``input_invariance`` — constant input shift absorbed by the first layer (padded convolutions included) (Kindermans et al., 2019)
 * ``fragility`` — small noise that keeps the prediction but moves the map (Ghorbani et al., 2019)
 """
 
@@ -15,11 +15,11 @@ from __future__ import annotations
 from ..methods.registry import Registry
 from .fragility import fragility
 from .invariance import input_invariance, shift_compensated
-from .randomization import SIMILARITIES, hog, model_randomization, random_logit, spearman, ssim
+from .randomization import SIMILARITIES, hog, model_randomization, random_logit, spearman, spearman_signed, ssim
 
 CHECKS: Registry = Registry("sanity check")
 for _fn in (model_randomization, random_logit, input_invariance, fragility):
     CHECKS.add(_fn.__name__, _fn)
 
 __all__ = ["CHECKS", "SIMILARITIES", "model_randomization", "random_logit", "input_invariance", "fragility",
-           "shift_compensated", "spearman", "ssim", "hog"]
+           "shift_compensated", "spearman", "spearman_signed", "ssim", "hog"]

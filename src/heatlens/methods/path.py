@@ -27,7 +27,10 @@ QUADRATURES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle
 def quadrature(method: str, steps: int) -> tuple[Tensor, Tensor]:
     """Points alpha (S,) in [0, 1] and weights (S,) approximating the integral over [0, 1].
 
-    Same rules as Captum's ``approximation_parameters`` so results compare at equal settings.
+    The rules of Captum's ``approximation_parameters``, with one difference: "riemann_trapezoid" is the
+    standard trapezoid rule (weights 1/(S-1), ends halved, summing to 1, exact for linear integrands);
+    Captum's weights are 1/S with the ends halved and sum to (S-1)/S, so its trapezoid attributions are
+    (S-1)/S of these. The others (Gauss-Legendre, the default, and left/right/middle Riemann) agree.
     """
     check_choice(method, "method", QUADRATURES)
     check_positive_int(steps, "steps", minimum=2 if method == "riemann_trapezoid" else 1)

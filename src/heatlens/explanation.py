@@ -100,7 +100,9 @@ def attribution_maps(attributions: Tensor, kind: str | None, reduce: str | None 
 class Explanation:
     """Attributions for N images, with what they explain.
 
-    attributions: (N,C,H,W) in model input space, or (N,1,h,w) for CAMs (coarse, upsampled by ``maps``).
+    attributions: (N,C,H,W) in model input space, (N,1,H,W) for per-location methods (occlusion, LIME,
+    ...), or (N,1,h,w) for CAMs (coarse, upsampled by ``maps``). map_kind: "location" | "gradient",
+    recorded from the method's registry entry; it decides how ``maps()`` reduces (see ``kind``).
     targets: LongTensor (N,) explained class per image. outputs: logits (N,K) at the clean input.
     method: registry name (``smooth(saliency)`` for wrapped ones). params: the hyperparameters used.
     extras: diagnostics (IG ``completeness_gap`` (N,), LIME ``r2`` ...). input_size: (H, W) of x.
@@ -130,8 +132,7 @@ class Explanation:
             return self.map_kind
         from .methods.registry import METHODS
 
-        entry = METHODS._entries.get(self.method)
-        return entry.meta.get("map_kind", "gradient") if entry is not None else "gradient"
+        return METHODS.get(self.method).meta.get("map_kind", "gradient") if self.method in METHODS else "gradient"
 
     def __len__(self) -> int:
         return int(self.attributions.shape[0])

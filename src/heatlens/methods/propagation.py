@@ -431,10 +431,14 @@ def _needs_float64(p: Prepared, gap: Tensor, f_x: Tensor, f_r: Tensor, unsupport
             and _relative_gap(gap, f_x, f_r) > COMPLETENESS_TOLERANCE)
 
 
-def _float64_rerun(method: Callable[..., Explanation], p: Prepared, name: str, **kwargs: Any) -> Explanation:
+def _float64_rerun(method: Callable[..., Explanation], p: Prepared, name: str, **kwargs: Any) -> Explanation | None:
     """The method on a float64 copy of the model (the same weights, exactly representable), packaged
-    as a result for the float32 call: attributions cast back, the float64 gap and scores in extras."""
-    wide = copy.deepcopy(p.model).double()
+    as a result for the float32 call: attributions cast back, the float64 gap and scores in extras.
+    None when the model cannot be copied to float64 (the float32 result then stands, with its warning)."""
+    try:
+        wide = copy.deepcopy(p.model).double()
+    except Exception:  # a model that cannot be copied or cast (some wrapped frameworks): keep float32
+        return None
     e = method(wide, p.x.double(), p.targets, **kwargs)
     extras = {k: (v.float() if isinstance(v, Tensor) and v.is_floating_point() else v) for k, v in e.extras.items()}
     extras["precision"] = "float64"
@@ -490,8 +494,10 @@ def deeplift(
     f_x, f_r, unsupported = _deeplift_pairs(p, p.x.shape[0], build, consume, kinds, output, batch_size, "deeplift")
     gap = _completeness("deeplift", attributions, f_x, f_r, unsupported, warn=False)
     if _needs_float64(p, gap, f_x, f_r, unsupported):
-        return _float64_rerun(deeplift, p, "deeplift", baseline=_wide(refs), activations=activations,
+        wide = _float64_rerun(deeplift, p, "deeplift", baseline=_wide(refs), activations=activations,
                               output=output, batch_size=batch_size)
+        if wide is not None:
+            return wide
     gap = _completeness("deeplift", attributions, f_x, f_r, unsupported)
     params = {"baseline": _describe(baseline), "activations": _describe(activations), "output": output}
     extras = {"completeness_gap": gap, "baseline_scores": f_r, "scores": f_x, "unsupported_ops": dict(unsupported)}
@@ -533,9 +539,11 @@ def deeplift_shap(
     if _needs_float64(p, gap, f_x, f_r, unsupported):
         shared = isinstance(background, Tensor) and background.dim() == 4
         own = _wide(refs[:, 0])  # one reference per image: passed as a callable, not as a shared set
-        return _float64_rerun(deeplift_shap, p, "deeplift_shap",
+        wide = _float64_rerun(deeplift_shap, p, "deeplift_shap",
                               background=_wide(refs[0]) if shared else (lambda _x: own),
                               activations=activations, output=output, batch_size=batch_size)
+        if wide is not None:
+            return wide
     gap = _completeness("deeplift_shap", attributions, f_x, f_r, unsupported)
     params = {"background": _describe(background), "activations": _describe(activations), "output": output}
     extras = {"completeness_gap": gap, "background_scores": f_r, "scores": f_x, "unsupported_ops": dict(unsupported)}

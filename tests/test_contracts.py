@@ -47,7 +47,9 @@ def _x(n: int = 3) -> torch.Tensor:
     return torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
 
 
-NAMES = METHODS.names()
+# The transformer family reads attention probabilities, which the tiny CNN has none of: its contract runs
+# on tiny Hugging Face transformers in tests/test_hf.py.
+NAMES = [n for n in METHODS.names() if METHODS.get(n).meta.get("family") != "transformer"]
 
 
 @pytest.mark.parametrize("name", NAMES)

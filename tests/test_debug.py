@@ -309,3 +309,67 @@ def test_lime_ablations(marker_model):
         top = np.argsort(-np.abs(w), kind="stable")[:k]
         expected = np.where(np.isin(segs, top), w[segs], 0.0)
         np.testing.assert_allclose(m[0].numpy(), expected, atol=1e-7)
+
+
+# --- the demo as a new user sees it ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_same_digit_finding_says_how_often_test_digits_are_equal():
+    train, test, run = _trained("same_digit")
+    report = debug.detect_shortcut(run.model, train, test, methods=FAST_METHODS, n_images=8)
+    equal = float((test.left == test.right).float().mean())
+    assert 0 < equal < 0.5 and report.behaviour["equal_digits"] == pytest.approx(equal)
+    assert f"whose digits are drawn independently (equal in {equal:.0%} of pairs)" in report.finding
+    assert "where the digits differ" not in report.finding
+
+
+def test_training_accuracy_passes_show_no_bars_of_their_own(monkeypatch, capsys):
+    from heatlens import batching
+
+    seen = []
+    real = batching._progress_bar
+    monkeypatch.setattr(batching, "_progress_bar", lambda *a: seen.append(batching.progress_enabled()) or real(*a))
+    data = debug.digit_sum_dataset("train", "marker", n=200)
+    batching.set_progress(True)
+    try:
+        rows = []
+        debug.train_classifier("seed_cnn", data, epochs=2, progress=True, on_epoch=rows.append)
+        assert batching.progress_enabled()  # restored afterwards
+    finally:
+        batching.set_progress(False)
+    assert seen and not any(seen)  # every accuracy pass ran with the bars off
+    out = capsys.readouterr()
+    assert "epoch 1/2" in out.out + out.err and "epoch 2/2" in out.out + out.err  # the per-epoch lines stay
+    assert [r["epoch"] for r in rows] == [1, 2]
+
+
+def test_story_reports_each_stage_for_one_progress_display():
+    steps = []
+    debug.debugging_story("marker", n_train=200, n_test=50, epochs=2, methods=["saliency"], n_images=2,
+                          ablations=False, progress=False, on_step=steps.append)
+    assert steps == ["epoch 1", "epoch 2", "shortcut detection"]
+
+
+def test_fine_superpixels_make_num_features_matter(marker_model):
+    from heatlens.methods.segmentation import n_segments, segment
+
+    x = debug.digit_sum_dataset("test", "marker", n=2).x
+    fine = segment(x, "slic", model=marker_model, n_segments=32, compactness=10)
+    assert int(n_segments(fine).min()) >= 15  # lime's quickshift gives these digits 3-4
+    e = hl.explain(marker_model, x, "lime", num_samples=300, seed=0, segments=fine)
+    ab = debug.lime_features_ablation(e, num_features=(1, 5, 10))
+    assert ab.stats[0]["spearman_to_last"] < 0.9  # 1 segment and 10 segments are different pictures
+    fig = ab.plot(images=x)
+    cell = fig.axes[1].get_images()[0].get_array()  # lime's outlines over the image, not a solid fill
+    assert ((np.asarray(cell)[..., :3] == [0.0, 1.0, 0.0]).all(-1)).any()
+
+
+def test_noise_ablation_note_reports_the_change_it_measures(marker_model):
+    x = debug.digit_sum_dataset("test", "marker", n=2).x
+    ab = debug.smoothgrad_noise_ablation(marker_model, x, noise=(0.01, 1000), n_samples=8)
+    rho = ab.stats[-1]["spearman_to_first"]
+    assert f"noise 0.01 and 1000: {rho:.2f}" in ab.note
+    from heatlens.sanity.randomization import spearman
+
+    assert rho == pytest.approx(float(spearman(ab.maps[0].abs().double(), ab.maps[-1].abs().double()).mean()))

@@ -196,7 +196,8 @@ def test_metrics_on_ten_images_with_8x8_superpixels_hold_one_batch_of_perturbed_
     maps = torch.randn(10, 64, 64, generator=gen)
     recorder = Recorder(net, x)
     clf = hl.wrap(recorder, input_size=(3, 64, 64))
-    recorder.items = recorder.largest = 0  # forget wrap's probe
+    recorder.items = recorder.largest = recorder.most_alive = 0  # forget wrap's probes (both layouts)
+    recorder.refs.clear()
     steps = {"insertion": 65, "deletion": 65, "faithfulness_correlation": 20}  # 64 superpixels + the start
     results = hl.evaluate(clf, x, maps, list(steps), granularity=8, features_per_step=1, n_runs=20,
                           subset_size=64, batch_size=32)

@@ -104,7 +104,7 @@ def test_load_model_errors_name_the_problem(tmp_path):
     other.write_bytes(b"\x00")
     with pytest.raises(ValueError, match=re.escape(f"cannot load model file {str(other)!r}: load_model reads")):
         hl.load_model(str(other))
-    with pytest.raises(TypeError, match="name_or_path must be a zoo name or a file path, got Linear"):
+    with pytest.raises(TypeError, match="spec must be a zoo name, a file path or 'package.module:function', got Linear"):
         load_model(nn.Linear(2, 2))
     assert set(available_models()) == {"efficientnet-lite0"}
 
@@ -371,3 +371,18 @@ def test_digits_are_sklearn_digits_scaled_to_unit_range():
     assert images.dtype == np.float32 and images.shape == (1797, 8, 8)
     np.testing.assert_allclose(images * 16, ref.images, atol=1e-5)
     assert np.array_equal(labels, ref.target) and images.min() == 0 and images.max() == 1
+
+
+# --- dtypes of pretrained models ------------------------------------------------------------------------
+@pytest.mark.slow
+def test_load_model_in_bfloat16_predicts_like_float32_and_explains(effnet, chelsea_x):
+    clf = hl.load_model("efficientnet-lite0", dtype=torch.bfloat16)
+    assert clf.dtype == torch.bfloat16 and not clf.training
+    logits = clf(chelsea_x)  # float32 x is cast to the model's dtype; logits come back float32
+    assert logits.dtype == torch.float32
+    with torch.inference_mode():
+        assert int(logits.argmax(1)) == int(effnet(chelsea_x).argmax(1))
+    e = hl.explain(clf, chelsea_x, "saliency")
+    assert e.attributions.dtype == torch.float32 and bool(torch.isfinite(e.attributions).all())
+    with pytest.raises(TypeError, match=r"^dtype must be a floating torch.dtype such as torch.bfloat16, got torch.int8$"):
+        hl.load_model("efficientnet-lite0", dtype=torch.int8)

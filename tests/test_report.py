@@ -129,3 +129,26 @@ def test_demo_report_opens_in_headless_chromium_with_all_images_loaded(demo_run,
     status, console_errors = _open_in_chromium(demo_run[2] / "report.html", tmp_path, "demo-report.png")
     assert status["n"] >= 20 and status["ok"] == status["n"]
     assert console_errors == []
+
+
+def test_explanation_section_embeds_lime_outlines_and_percentile_overlays(tmp_path):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    model = hl.wrap(make_tiny_cnn(), input_size=(3, 16, 16), labels=["ant, emmet, pismire", "b", "c", "d", "e"])
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    from heatlens.methods.segmentation import segment
+
+    cells = segment(x, "grid", cell_size=4)  # 16 squares
+    explanations = {"lime": hl.explain(model, x, "lime", num_samples=60, seed=0, segments=cells, num_features=2),
+                    "saliency": hl.explain(model, x, "saliency")}
+    section = explanation_section("E", model.deprocess(x), explanations, labels=model.labels, names=["a.png", "b.png"])
+    pngs = [np.asarray(Image.open(io.BytesIO(base64.b64decode(uri)))) for uri in
+            re.findall(r'src="data:image/png;base64,([^"]+)"', section.html)]
+    assert len(pngs) == 2 * 3  # per image: input, lime, saliency
+    lime_pic = pngs[1]
+    assert ((lime_pic == [0, 255, 0]).all(-1) | (lime_pic == [255, 0, 0]).all(-1)).any()  # outlines, lime's colours
+    assert "a.png: pred" in section.html and "emmet" not in section.html  # short label names only

@@ -123,7 +123,12 @@ def test_plot_explanation_has_images_overlays_and_colour_bars(explained):
     panel = fig.axes[0].get_images()[0].get_array()
     x = sal.inputs[0]
     picture = ((x - x.min()) / (x.max() - x.min())).permute(1, 2, 0).double().numpy()
-    assert np.array_equal(np.asarray(panel), viz.overlay(picture, sal.maps()[0], "hot", 0.5))
+    assert np.array_equal(np.asarray(panel), viz.explanation_overlay(sal, 0, picture))
+    # which is the map's colours scaled to its 99th percentile over a grey copy of the image
+    m = sal.maps()[0].double().numpy()
+    bound = np.percentile(np.abs(m), 99)
+    grey = np.repeat(picture.mean(-1, keepdims=True), 3, -1) * 0.6 + 0.15
+    assert np.array_equal(np.asarray(panel), viz.overlay(grey, m, "hot", 0.9 * np.clip(m / bound, 0, 1), vmin=0, vmax=bound))
 
 
 def test_signed_views_use_a_diverging_colour_bar_centred_at_zero(explained):
@@ -205,3 +210,142 @@ def test_no_pyplot_import():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**env, "HEATLENS_PROGRESS": "0"})
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+# --- readable pictures (issue: the first hour of a new user) ---------------------------------------
+
+
+def _text_boxes(fig):
+    """Window extents of every visible, non-empty text of a drawn figure."""
+    from matplotlib.text import Text
+
+    fig.canvas.draw() if hasattr(fig.canvas, "draw") else None
+    renderer = fig.canvas.get_renderer()
+    return [(t.get_text(), t.get_window_extent(renderer)) for t in fig.findobj(Text)
+            if t.get_visible() and t.get_text().strip()]
+
+
+def _assert_no_overlapping_text(fig):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    boxes = _text_boxes(fig)
+    assert boxes
+    for i, (a, box_a) in enumerate(boxes):
+        for b, box_b in boxes[i + 1:]:
+            assert not box_a.overlaps(box_b), f"texts overlap: {a!r} and {b!r}"
+
+
+def _long_label_explanation(n=4, method="saliency"):
+    from heatlens.models.zoo import imagenet_labels
+
+    labels = imagenet_labels()
+    long_ones = sorted(range(len(labels)), key=lambda k: -len(labels[k].split(",")[0]))[:n]
+    gen = torch.Generator().manual_seed(0)
+    outputs = torch.zeros(n, len(labels))
+    outputs[torch.arange(n), torch.tensor(long_ones)] = 5.0
+    return hl.Explanation(torch.randn(n, 3, 32, 32, generator=gen), torch.tensor(long_ones[::-1]), outputs, method,
+                          labels=labels, inputs=torch.rand(n, 3, 32, 32, generator=gen))
+
+
+def test_long_imagenet_labels_never_overlap_in_plot_and_grid():
+    e = _long_label_explanation()
+    _assert_no_overlapping_text(e.plot())
+    _assert_no_overlapping_text(viz.explanation_grid({"integrated_gradients": e, "saliency": e}, labels=e.targets))
+
+
+def test_percentile_scaled_overlay_is_not_mostly_black():
+    rng = np.random.default_rng(0)
+    values = np.abs(rng.normal(size=(64, 64)))
+    values[5, 5] = 50 * np.percentile(values, 99)  # one pixel far above the rest, as gradients have
+    grey = np.full((64, 64, 3), 0.5)
+    shown = viz.heat_overlay(grey, values).astype(float)
+    background = viz.heat_overlay(grey, np.zeros((64, 64))).astype(float)
+    coloured = (np.abs(shown - background).max(-1) > 25).mean()
+    # the old view: min-max limits (the outlier takes the whole colour range)
+    old = viz.overlay(grey, values, "hot", 0.5).astype(float)
+    old_bright = (old.max(-1) > 0.5 * 255 * 0.5 + 0.5 * 255 * 0.3).mean()
+    assert coloured > 0.4 and old_bright < 0.05
+    assert viz.robust_limit(values) == pytest.approx(np.percentile(values, 99))
+
+
+def test_signed_overlays_keep_the_sign():
+    grey = np.full((8, 8, 3), 0.5)
+    values = np.zeros((8, 8))
+    values[:4] = 1.0
+    values[4:] = -1.0
+    out = viz.heat_overlay(grey, values)
+    assert out[0, 0, 0] > out[0, 0, 2] and out[7, 0, 2] > out[7, 0, 0]  # red supports, blue opposes
+
+
+def _lime_like():
+    segments = torch.zeros(1, 16, 16, dtype=torch.long)
+    segments[:, :, 8:] = 1
+    segments[:, 8:, :8] = 2
+    weights = torch.tensor([[0.9, -0.7, 0.01]])
+    attributions = weights[0][segments][:, None].float()
+    return hl.Explanation(attributions, torch.tensor([0]), torch.zeros(1, 2), "lime",
+                          params={"num_features": 2}, extras={"segments": segments, "weights": weights})
+
+
+def test_lime_pictures_are_outlines_with_the_sign_kept():
+    e = _lime_like()
+    image = np.full((16, 16, 3), 0.5)
+    pic = viz.explanation_overlay(e, 0, image)
+    green = (pic == [0, 255, 0]).all(-1)
+    red = (pic == [255, 0, 0]).all(-1)
+    assert green.any() and red.any()  # the positive segment outlined green, the negative one red
+    assert green[:8, :8].any() and not green[:, 10:].any() and red[:, 8:].any()
+    assert (pic[2, 2] == 128).all() and (pic[12, 12] == 128).all()  # inside the segments: the image, no fill
+    assert (pic[12, 2] == 128).all()  # the third segment (weight 0.01) is not among num_features=2
+
+
+def test_sanity_plots_draw_measurements_not_class_indices():
+    rl = SanityResult("random_logit", "saliency", [{"image": i, "target": 800 + i, "random_class": 3 * i,
+                                                    "ssim": 0.3, "spearman": 0.4} for i in range(4)],
+                      True, "ok", params={"threshold": 0.5})
+    ax = rl.plot().axes[0]
+    assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == ["spearman", "ssim", "threshold 0.5"]
+    rows = [{"layer": f"_blocks.{i}._project_conv", "spearman": 1 - i / 80} for i in range(80)]
+    mr = SanityResult("model_randomization", "saliency", rows, True, "ok")
+    fig = mr.plot()
+    assert len([t for t in fig.axes[0].get_xticklabels() if t.get_text()]) <= 16
+    _assert_no_overlapping_text(fig)
+
+
+def test_metric_curves_count_features_as_well_as_fractions():
+    r = MetricResult("deletion", torch.tensor([0.2]), False, curves=torch.linspace(1, 0, 11)[None],
+                     x=torch.linspace(0, 1, 11))
+    fig = r.plot(n_features=196)
+    labels = [a.get_xlabel() for a in fig.axes[0].child_axes]
+    assert labels == ["features perturbed"]
+    fig = r.plot(n_features=196, x_axis="features")
+    FigureCanvas = __import__("matplotlib.backends.backend_agg", fromlist=["FigureCanvasAgg"]).FigureCanvasAgg
+    FigureCanvas(fig).draw()
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert "196" in ticks and fig.axes[0].get_xlabel() == "features perturbed"
+    with pytest.raises(ValueError, match="x_axis='features' needs n_features"):
+        r.plot(x_axis="features")
+
+
+def test_superpixel_sum_adds_each_square():
+    from heatlens.explanation import superpixel_sum
+
+    m = torch.arange(2 * 5 * 6, dtype=torch.float64).reshape(2, 5, 6)
+    small = superpixel_sum(m, 2, expand=False)
+    assert small.shape == (2, 3, 3)
+    assert small[0, 0, 0] == m[0, :2, :2].sum() and small[1, 2, 2] == m[1, 4:, 4:].sum()  # a partial edge square
+    big = superpixel_sum(m, 2)
+    assert big.shape == m.shape and big[0, 1, 1] == small[0, 0, 0]
+    torch.testing.assert_close(small.sum((1, 2)), m.sum((1, 2)))
+    with pytest.raises(ValueError, match="size must be a positive integer"):
+        superpixel_sum(m, 0)
+
+
+def test_standardize_gives_unit_variance_for_small_maps():
+    from heatlens.explanation import normalize_maps
+
+    m = torch.randn(2, 224, 224, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1e-4
+    st = normalize_maps(m, "standardize")
+    torch.testing.assert_close(st.std((1, 2), unbiased=False), torch.ones(2, dtype=torch.float64))
+    assert torch.equal(normalize_maps(torch.ones(1, 3, 3), "standardize"), torch.zeros(1, 3, 3))

@@ -19,7 +19,7 @@ from .models import Classifier, load_model, wrap
 __version__ = "0.1.0"
 __all__ = [
     "Classifier", "Explanation", "MetricResult", "SanityResult",
-    "explain", "evaluate", "load_model", "wrap", "__version__",
+    "explain", "evaluate", "load_model", "wrap", "__version__", "audit", "Audit",
 ]
 
 _LAZY = ("methods", "metrics", "sanity", "debug", "viz", "report", "data", "batching", "baselines", "targets")
@@ -47,6 +47,13 @@ def evaluate(model: Any, x: Any, explanation: Any, metrics: str | Sequence[str] 
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("recommend", "recommend_per_class", "Recommendation"):  # which method to trust (recommendation.py)
+        return getattr(importlib.import_module(".recommendation", __name__), name)
+    # hl.audit is the heatlens.audit package, callable as the function (importing a subpackage would
+    # otherwise replace a function of the same name); hl.Audit its result class
+    if name in ("audit", "Audit"):
+        module = importlib.import_module(".audit", __name__)
+        return module if name == "audit" else module.Audit
     if name in _LAZY:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'heatlens' has no attribute {name!r}")

@@ -13,7 +13,7 @@ The ablations (``lime_ablation``, ``smoothgrad_noise_ablation``, ``smoothgrad_sa
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -259,7 +259,8 @@ def _behaviour(model: Classifier, test: DigitSumDataset, shortcut: str | None, s
     out = {"even_rate": float((pred % 2 == 0).float().mean()), "even_labels": float((test.y % 2 == 0).float().mean()),
            "twice_left": float((pred == 2 * test.left).float().mean()),
            "twice_right": float((pred == 2 * test.right).float().mean()),
-           "true_sum": float((pred == test.y).float().mean())}
+           "true_sum": float((pred == test.y).float().mean()),
+           "equal_digits": float((test.left == test.right).float().mean())}
     if shortcut in ("marker", "tint", "border"):
         gen = torch.Generator().manual_seed(seed + 1)
         wrong = (test.y + torch.randint(1, NUM_CLASSES, test.y.shape, generator=gen)) % NUM_CLASSES
@@ -310,7 +311,8 @@ def _finding(shortcut: str | None, detected: bool, evidence: list[dict], acc: di
             f"reads mainly the {'left' if left > right else 'right'} digit"
         body = (f"in training images relevance is split {left:.0%} / {right:.0%} between the left and right digit "
                 f"(on the left digit: {_per_method(evidence, 'train_left')}), so the model {reading}; "
-                f"on test images, where the digits differ, {behaviour['even_rate']:.0%} of its predictions are even "
+                f"on test images, whose digits are drawn independently (equal in {behaviour['equal_digits']:.0%} of "
+                f"pairs), {behaviour['even_rate']:.0%} of its predictions are even "
                 f"sums (twice one digit) against {behaviour['even_labels']:.0%} of the true labels, they equal twice "
                 f"the left digit in {behaviour['twice_left']:.0%} and twice the right one in "
                 f"{behaviour['twice_right']:.0%} of cases, and {drop}.")
@@ -338,8 +340,10 @@ class Ablation:
 
     parameter: what varies. values: its settings. explanations: one Explanation per setting.
     stats: one dict per setting (``similarity_to_last``: mean cosine similarity of the |maps| with the
-    last setting's; ``roughness``: mean absolute difference of neighbouring pixels of the max-normalised
-    |map|, high for noisy maps; plus method diagnostics such as LIME's ``r2``).
+    last setting's; ``spearman_to_first`` / ``spearman_to_last``: mean rank correlation of the |maps|
+    with the first / last setting's; ``roughness``: mean absolute difference of neighbouring pixels of
+    the max-normalised |map|, high for noisy maps; plus method diagnostics such as LIME's ``r2``).
+    note: what the reader should know about the result (the demo prints it under the grid).
     """
 
     name: str
@@ -349,6 +353,7 @@ class Ablation:
     stats: list[dict[str, float]]
     images: Tensor | None = field(default=None, repr=False)
     maps: list[Tensor] | None = field(default=None, repr=False)
+    note: str = ""
 
     def titles(self) -> list[str]:
         return [f"{self.parameter}={v}" for v in self.values]
@@ -361,7 +366,10 @@ class Ablation:
 
 
 def map_statistics(maps: Sequence[Tensor]) -> list[dict[str, float]]:
-    """Similarity to the last map and roughness for a sequence of (N,H,W) maps (see ``Ablation``)."""
+    """Similarity to the last map, rank correlation with the first and last, and roughness for a
+    sequence of (N,H,W) maps (see ``Ablation``)."""
+    from ..sanity.randomization import spearman
+
     last = maps[-1].abs().flatten(1).double()
     out = []
     for m in maps:
@@ -370,7 +378,10 @@ def map_statistics(maps: Sequence[Tensor]) -> list[dict[str, float]]:
         cos = (flat * last).sum(1) / (flat.norm(dim=1) * last.norm(dim=1)).clamp_min(1e-12)
         norm = a / a.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
         rough = ((norm[:, 1:] - norm[:, :-1]).abs().mean((1, 2)) + (norm[:, :, 1:] - norm[:, :, :-1]).abs().mean((1, 2))) / 2
-        out.append({"similarity_to_last": float(cos.mean()), "roughness": float(rough.mean())})
+        out.append({"similarity_to_last": float(cos.mean()), "roughness": float(rough.mean()),
+                    # cosine of non-negative maps is high for any two maps; ranks show changes it hides
+                    "spearman_to_first": float(spearman(maps[0].abs().double(), a).mean()),
+                    "spearman_to_last": float(spearman(maps[-1].abs().double(), a).mean())})
     return out
 
 
@@ -450,7 +461,16 @@ def smoothgrad_noise_ablation(
     values = [_check_noise(v) for v in noise]
     smoothed = smooth(method)
     exps = [smoothed(model, x, target, n_samples=n_samples, noise=v, seed=seed, batch_size=batch_size) for v in values]
-    return _ablation("smoothgrad_noise", "noise", values, exps, x)
+    ablation = _ablation("smoothgrad_noise", "noise", values, exps, x)
+    first, last = ablation.stats[0]["spearman_to_last"], ablation.stats[-1]["spearman_to_first"]
+    ablation.note = (
+        f"Rank correlation of the maps at noise {values[0]:g} and {values[-1]:g}: {last:.2f}. "
+        "Noise only switches ReLUs on and off; what it cannot change is the part of the gradient that is "
+        "the model's own weights pulled back to the input, which in a model whose first dense layer sees "
+        "every pixel is most of the map. From about noise 10 the image is drowned and the maps are set by "
+        "the noise draws alone (the same seed gives the same draws at every level, hence similarity 1.00 "
+        "between the large levels)." if values[-1] >= 10 else "")
+    return ablation
 
 
 def smoothgrad_samples_ablation(
@@ -527,12 +547,16 @@ def debugging_story(
     ablations: bool = True,
     seed: int = 0,
     progress: bool | None = None,
+    on_step: Callable[[str], None] | None = None,
 ) -> Story:
     """Build the shortcut data, train ``architecture``, detect the shortcut and run the ablations.
 
     The R255 practical in one call (``heatlens demo`` runs it): the defaults train the seed CNN on
     5000 images for 10 epochs (seconds to a minute on 2 CPU cores). Ablations explain two test images:
-    SmoothGrad vs noise and vs samples, gradient x input, and LIME vs samples when lime is registered.
+    SmoothGrad vs noise and vs samples, gradient x input, and LIME vs samples and vs ``num_features``
+    (on SLIC superpixels fine enough for the setting to matter) when lime is registered.
+    on_step: called with a short description after each stage (an epoch, the detection, each
+    ablation), e.g. to drive one progress display for the whole story.
     """
     from ..methods import METHODS
     from .datasets import digit_sum_dataset
@@ -540,14 +564,30 @@ def debugging_story(
 
     train = digit_sum_dataset("train", shortcut, n=n_train, seed=seed)
     test = digit_sum_dataset("test", shortcut, n=n_test, seed=seed)
-    run = train_classifier(architecture, train, epochs=epochs, test=test, seed=seed, progress=progress)
+    step = on_step or (lambda _what: None)
+    run = train_classifier(architecture, train, epochs=epochs, test=test, seed=seed, progress=progress,
+                           on_epoch=lambda row: step(f"epoch {row['epoch']}"))
     report = detect_shortcut(run.model, train, test, methods=methods, n_images=n_images, seed=seed)
+    step("shortcut detection")
     found: dict[str, Ablation] = {}
     if ablations:
         x = test.x[:2]
         found["smoothgrad_noise"] = smoothgrad_noise_ablation(run.model, x, seed=seed)
+        step("SmoothGrad noise ablation")
         found["smoothgrad_n_samples"] = smoothgrad_samples_ablation(run.model, x, seed=seed)
+        step("SmoothGrad samples ablation")
         found["gradient_x_input"] = gradient_x_input(run.model, x, seed=seed)
+        step("gradient x input")
         if "lime" in METHODS:
             found["lime_num_samples"] = lime_ablation(run.model, x, seed=seed)
+            # lime's quickshift gives these 28x56 digits 3-4 superpixels, where showing 1, 2, 3, 5 or 10 of
+            # them looks the same; ~30 SLIC superpixels make num_features a real choice
+            from ..methods.segmentation import segment
+
+            fine = segment(x, "slic", model=run.model, n_segments=32, compactness=10, start_label=0)
+            lime_fine = lime_ablation(run.model, x, num_samples=(1000,), seed=seed, segments=fine).explanations[0]
+            found["lime_num_features"] = lime_features_ablation(lime_fine, num_features=(1, 2, 3, 5, 10))
+            step("LIME ablations")
     return Story(train=train, test=test, training=run, report=report, ablations=found)
+
+STORY_STEPS = 5  # on_step calls after training: detection, three ablations, LIME

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,7 +98,26 @@ def gap_cnn(num_classes: int = NUM_CLASSES, *, width: int = 16, seed: int = 0) -
     return _seeded(net, seed)
 
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"seed_cnn": seed_cnn, "conv_net": conv_net, "gap_cnn": gap_cnn}
+def tiny_vit(num_classes: int = NUM_CLASSES, *, seed: int = 0) -> nn.Module:
+    """A small Hugging Face ``ViTForImageClassification`` for (N,3,28,56) digit sums, randomly initialised
+    under ``seed``: 7x7 patches (a 4x8 grid + class token), width 32, 2 layers of 2 heads (needs transformers).
+    Wrapped by ``heatlens.wrap`` (labels "0".."num_classes-1"), so it trains with ``train_classifier``."""
+    check_positive_int(num_classes, "num_classes", minimum=2)
+    try:
+        from transformers import ViTConfig, ViTForImageClassification
+    except ImportError:
+        raise ImportError("tiny_vit needs transformers: pip install 'heatlens[hf]'") from None
+    config = ViTConfig(image_size=(HEIGHT, WIDTH), patch_size=7, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=64, num_labels=num_classes,
+                       id2label={i: str(i) for i in range(num_classes)})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ViTForImageClassification(config)
+    return wrap(net.eval())
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"seed_cnn": seed_cnn, "conv_net": conv_net, "gap_cnn": gap_cnn,
+                                                      "tiny_vit": tiny_vit}
 
 
 @dataclass
@@ -159,13 +179,16 @@ def train_classifier(
     seed: int = 0,
     test: DigitSumDataset | None = None,
     progress: bool | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train`` with Adam and cross-entropy on logits (the R255 recipe).
 
-    model: an ``nn.Module`` (trained in place) or an architecture name ("seed_cnn", "conv_net", "gap_cnn").
+    model: an ``nn.Module`` or ``Classifier`` (trained in place; a Classifier, e.g. ``heatlens.wrap(hf_vit)``,
+    keeps its own labels) or an architecture name ("seed_cnn", "conv_net", "gap_cnn").
     val_fraction: the last part of a seeded shuffle is held out for validation (Keras' validation_split).
     seed: fixes the split, the batch order and (for names) the initial weights: same seed, same model.
-    progress: print one line per epoch (None: follow ``heatlens.batching``'s progress setting).
+    progress: print one line per epoch (None: follow ``heatlens.batching``'s progress setting); the
+    accuracy passes inside an epoch show no bars of their own. on_epoch: called with each epoch's row.
     """
     net = _as_network(model, seed)
     check_positive_int(epochs, "epochs")
@@ -192,13 +215,18 @@ def train_classifier(
     for epoch in range(1, epochs + 1):
         tic = time.perf_counter()
         loss = _epoch(net, optimiser, x[fit_idx], y[fit_idx], batch_size, gen)
-        row = {"epoch": epoch, "loss": loss, "train_acc": accuracy(net, x[fit_idx], y[fit_idx]),
-               "val_acc": accuracy(net, x[val_idx], y[val_idx]), "seconds": time.perf_counter() - tic}
+        with _quiet_batches():  # two accuracy passes per epoch: a bar each would flood the terminal
+            row = {"epoch": epoch, "loss": loss, "train_acc": accuracy(net, x[fit_idx], y[fit_idx]),
+                   "val_acc": accuracy(net, x[val_idx], y[val_idx]), "seconds": time.perf_counter() - tic}
         history.append(row)
         if progress:
-            print(f"epoch {epoch}/{epochs}: loss {loss:.3f}, train {row['train_acc']:.1%}, val {row['val_acc']:.1%}")
+            _print_line(f"epoch {epoch}/{epochs}: loss {loss:.3f}, train {row['train_acc']:.1%}, "
+                        f"val {row['val_acc']:.1%}")
+        if on_epoch is not None:
+            on_epoch(row)
     net.eval()
-    test_acc = accuracy(net, test.x.to(device), test.y.to(device)) if test is not None else None
+    with _quiet_batches():
+        test_acc = accuracy(net, test.x.to(device), test.y.to(device)) if test is not None else None
     clf = wrap(net, input_size=INPUT_SIZE, labels=[str(k) for k in range(NUM_CLASSES)], outputs="logits",
                name=type(model).__name__ if not isinstance(model, str) else model)
     return TrainResult(
@@ -207,6 +235,29 @@ def train_classifier(
         params={"epochs": epochs, "batch_size": batch_size, "lr": lr, "val_fraction": val_fraction, "seed": seed,
                 "shortcut": train.shortcut, "n_train": len(train)},
     )
+
+
+@contextmanager
+def _quiet_batches() -> Iterator[None]:
+    """No per-call progress bars from ``heatlens.batching`` inside (restored afterwards, also on error)."""
+    from .. import batching
+
+    was = batching.progress_enabled()
+    batching.set_progress(False)
+    try:
+        yield
+    finally:
+        batching.set_progress(was)
+
+
+def _print_line(text: str) -> None:
+    """Print above an active tqdm bar (the demo's one progress display) without breaking it."""
+    try:
+        from tqdm.auto import tqdm
+
+        tqdm.write(text)
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        print(text)
 
 
 def _as_network(model: nn.Module | str, seed: int) -> nn.Module:
@@ -219,7 +270,7 @@ def _as_network(model: nn.Module | str, seed: int) -> nn.Module:
     if isinstance(model, Classifier):
         if model.net is None:
             raise TypeError("model is a black-box predict function; train_classifier needs an nn.Module")
-        return model.net
+        return model  # its forward gives logits for any wrapped module (Hugging Face outputs, NHWC Keras)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module or an architecture name, got {type(model).__name__}")
     return model

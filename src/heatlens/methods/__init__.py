@@ -35,7 +35,8 @@ from .path import expected_gradients, gradient_shap, integrated_gradients
 
 # Families added by later modules register themselves on import; a missing optional family must not
 # break the ones that are there.
-_FAMILIES = ("propagation", "cam", "perturbation", "surrogate", "segmentation", "adversarial", "counterfactual")
+_FAMILIES = ("propagation", "cam", "perturbation", "surrogate", "segmentation", "adversarial", "counterfactual",
+             "transformer")
 for _family in _FAMILIES:
     try:
         _module = importlib.import_module(f"{__name__}.{_family}")

@@ -8,7 +8,9 @@ w.r.t. tensors inside the model, such as a layer's activations);
 Two speed-ups live here, so that every method gets them (measured in ``benchmarks/bench_methods.py``):
 
 * ``fast_layout``: on CPU, images go to convolutional models channels-last (NHWC strides, same
-  values): oneDNN convolutions run ~1.3-1.5x faster that way.
+  values): oneDNN convolutions run ~1.3-1.5x faster that way. Only where proven safe: the first
+  time a model is seen, one probe runs it on both layouts; a model that fails channels-last (it
+  calls ``.view()`` on activations) or computes anything beyond rounding differently keeps NCHW for good.
 * the clean pass is reused: in a gradient method, when x fits in one gradient batch, ``prepare``
   runs its forward with autograd recording, and the first ``input_gradients`` call at exactly that
   x (same tensor, same model state) back-propagates through it instead of running the forward again.
@@ -22,7 +24,6 @@ Two speed-ups live here, so that every method gets them (measured in ``benchmark
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..batching import default_batch_size, map_batches, on_forward_only
-from ..models.adapter import Classifier, as_classifier, target_scores
+from ..models.adapter import Classifier, as_classifier, channels_last_safe, target_scores
 from ..targets import TargetLike, resolve_target
 from ..validation import check_choice, check_images, check_outputs
 
@@ -53,7 +54,7 @@ class Prepared:
 
     def scores(self, output: str = "logit") -> Tensor:
         """The explained score at the clean x (N,), from the logits already computed."""
-        return target_scores(self.logits, self.targets, output).float()
+        return target_scores(self.logits, self.targets, output, binary=self.model.binary).float()
 
 
 def prepare(model: Any, x: Any, target: TargetLike, *, output: str = "logit", through: Any = None,
@@ -83,22 +84,17 @@ def prepare(model: Any, x: Any, target: TargetLike, *, output: str = "logit", th
 
 
 # --- channels-last inputs ---------------------------------------------------------------------------
-_convolutional: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
-
-
 def fast_layout(model: Any, x: Tensor) -> Tensor:
-    """x (B,C,H,W) with channels-last strides when that makes ``model`` faster, else x itself.
+    """x (B,C,H,W) with channels-last strides when that makes ``model`` faster and is proven safe, else x.
 
     Only for CPU torch modules with 2-D convolutions taking NCHW input: oneDNN runs them ~1.3-1.5x
     faster on NHWC memory (DESIGN.md). The values are the same; gradients flow back through the copy.
+    Whether the layout is safe is decided once per net by ``models.adapter.channels_last_safe``.
     """
-    net = getattr(model, "net", None)
-    if x.dim() != 4 or x.device.type != "cpu" or net is None or getattr(model, "layout", "NCHW") != "NCHW":
+    clf = model if isinstance(model, Classifier) else getattr(model, "model", None)  # or a method's own pass
+    if not isinstance(clf, Classifier) or x.dim() != 4 or x.device.type != "cpu" or clf.net is None or clf.layout != "NCHW":
         return x
-    has_conv = _convolutional.get(net)
-    if has_conv is None:
-        has_conv = _convolutional[net] = any(isinstance(m, nn.Conv2d) for m in net.modules())
-    return x.contiguous(memory_format=torch.channels_last) if has_conv else x
+    return x.contiguous(memory_format=torch.channels_last) if channels_last_safe(clf, x) else x
 
 
 # --- the recorded clean pass ------------------------------------------------------------------------
@@ -194,7 +190,8 @@ def input_gradients(model: Classifier, x: Tensor, targets: Tensor, output: str =
     clean = take_recorded(model, x)
     if clean is not None:
         leaf, logits = clean
-        scores = target_scores(logits, targets, output)
+        clf = model if isinstance(model, Classifier) else model.model  # or a method's own pass (propagation)
+        scores = target_scores(logits, targets, output, binary=clf.binary)
     else:
         leaf = fast_layout(model, x.detach()).detach().requires_grad_(True)
         scores = model.score(leaf, targets, output)

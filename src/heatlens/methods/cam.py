@@ -59,11 +59,15 @@ class Site:
 
 @dataclass(frozen=True)
 class Layout:
-    """How a layer's output (B,...) maps to (B,K,h,w): "nchw", "nhwc" (Keras) or "tokens" (B,T,D)."""
+    """How a layer's output (B,...) maps to (B,K,h,w): "nchw", "nhwc" (Keras), "tokens" (B,T,D) or
+    "windows" (Swin's (B*nW, window*window, D) attention windows of an h x w map, cyclically shifted by
+    ``shift`` and padded to whole windows)."""
 
     kind: str
     grid: tuple[int, int]
     skip: int = 0
+    window: int = 0
+    shift: int = 0
 
     def to_map(self, out: Tensor) -> Tensor:
         """(B,...) layer output -> (B,K,h,w)."""
@@ -71,7 +75,30 @@ class Layout:
             return out
         if self.kind == "nhwc":
             return out.permute(0, 3, 1, 2)
+        if self.kind == "windows":
+            return self._unwindow(out)
         return out[:, self.skip:].transpose(1, 2).reshape(out.shape[0], -1, *self.grid)
+
+    def _unwindow(self, out: Tensor) -> Tensor:
+        # Swin's window_partition read backwards: (b, i, j, r, c, D) -> (b, D, i*ws + r, j*ws + c), then the
+        # cyclic shift undone (Swin rolls by -shift before partitioning) and the padding cut off
+        ws, (h, w) = self.window, self.grid
+        rows, cols = -(-h // ws), -(-w // ws)
+        if out.dim() != 3 or out.shape[1] != ws * ws or out.shape[0] % (rows * cols):
+            raise ValueError(f"a windowed layer's output of shape {tuple(out.shape)} does not tile {rows}x{cols} "
+                             f"windows of {ws}x{ws} tokens")
+        maps = out.reshape(-1, rows, cols, ws, ws, out.shape[-1]).permute(0, 5, 1, 3, 2, 4)
+        maps = maps.reshape(maps.shape[0], maps.shape[1], rows * ws, cols * ws)
+        if self.shift:
+            maps = torch.roll(maps, shifts=(self.shift, self.shift), dims=(2, 3))
+        return maps[:, :, :h, :w]
+
+    def take(self, out: Tensor, images: Tensor) -> Tensor:
+        """The rows of ``out`` (B,...) that belong to ``images`` (M,): all their windows for "windows"."""
+        if self.kind != "windows":
+            return out[images]
+        n_win = -(-self.grid[0] // self.window) * -(-self.grid[1] // self.window)
+        return out.view(-1, n_win, *out.shape[1:])[images].flatten(0, 1)
 
     def zero_channel(self, out: Tensor, channels: Tensor) -> Tensor:
         """A copy of ``out`` with channel ``channels[b]`` of row b zeroed (patch tokens only for tokens);
@@ -82,6 +109,10 @@ class Layout:
             out[rows, channels] = 0
         elif self.kind == "nhwc":
             out[rows, :, :, channels] = 0
+        elif self.kind == "windows":  # every window of image b
+            n_win = -(-self.grid[0] // self.window) * -(-self.grid[1] // self.window)
+            win = (rows[:, None] * n_win + torch.arange(n_win, device=rows.device)).flatten()
+            out[win, :, channels.repeat_interleave(n_win)] = 0
         else:
             out[rows, self.skip:, channels] = 0
         return out
@@ -107,6 +138,22 @@ def token_grid(tokens: int, size: tuple[int, int]) -> tuple[int, tuple[int, int]
     return None if best is None else (_TOKEN_SKIPS[best[1]], best[2])
 
 
+def token_layout(tokens: int, model: Classifier) -> Layout | None:
+    """The patch grid of a (B, tokens, D) output: the model's declared leading non-patch tokens first
+    (``token_prefix``, set for Hugging Face models: class, distillation and register tokens), then
+    ``token_grid``'s guess. None when no grid fits."""
+    size = model.input_size[1:]
+    prefix = getattr(model, "token_prefix", None)
+    if prefix is not None and tokens > prefix:
+        n, (height, width) = tokens - prefix, size
+        h = round(math.sqrt(n * height / width))
+        for rows in (h, h - 1, h + 1):  # exact factorisation closest to the input's aspect
+            if rows >= 1 and n % rows == 0 and abs(math.log((rows * width) / ((n // rows) * height))) < 0.1:
+                return Layout("tokens", (rows, n // rows), prefix)
+    found = token_grid(tokens, size)
+    return None if found is None else Layout("tokens", found[1], found[0])
+
+
 def layout_of(out: Tensor, model: Classifier, name: str = "layer") -> Layout:
     """Read a layer's output (B,...) as a spatial map; ValueError naming the layer otherwise."""
     if out.dim() == 4:
@@ -115,9 +162,12 @@ def layout_of(out: Tensor, model: Classifier, name: str = "layer") -> Layout:
         if grid[0] * grid[1] >= 2:
             return Layout(kind, grid)  # type: ignore[arg-type]
     elif out.dim() == 3:
-        found = token_grid(out.shape[1], model.input_size[1:])
+        declared = (getattr(model, "layer_layouts", None) or {}).get(_public(name))
+        if declared is not None:  # e.g. Swin's windowed attention (models.hf)
+            return declared(out)
+        found = token_layout(out.shape[1], model)
         if found is not None:
-            return Layout("tokens", found[1], found[0])
+            return found
     raise ValueError(
         f"layer {name!r} outputs a tensor of shape {tuple(out.shape)}, which is not a spatial feature map "
         "(N,C,h,w) with h*w > 1 nor a token sequence (N,[1+]h*w,D) matching the input's aspect ratio; "
@@ -173,7 +223,7 @@ def resolve_site(p: Prepared, layer: LayerLike) -> Site:
     """``layer`` (name, module, None) -> Site; unknown names raise with the closest valid ones."""
     site = known_site(p.model, layer)
     if site is None:  # one trace per model: repeated calls (smoothing, sanity checks) reuse it
-        site = _auto_layers[p.model] = find_layer(p.model, p.x, p.targets)
+        site = _auto_layers[p.model.net] = find_layer(p.model, p.x, p.targets)
     return site
 
 
@@ -183,7 +233,7 @@ def known_site(model: Classifier, layer: LayerLike) -> Site | None:
     if model.net is None:
         raise TypeError("CAM methods hook a layer, but model is a black-box predict function; wrap the nn.Module instead")
     if layer is None:
-        cached = _auto_layers.get(model)
+        cached = _auto_layers.get(model.net)  # per net: a fresh wrapper of the same module reuses it
         return cached if cached is not None and _layer_or_none(model, cached.name) is cached.module else None
     name, module = resolve_layer(model, layer)
     return Site(_public(name), module)
@@ -247,7 +297,7 @@ def _gradient_cams(ctx: CamContext, combine: Combine, tapped: _TappedPass | None
     def step(start: int, stop: int) -> Tensor:
         recorded = None if tapped is None else take_recorded(tapped, p.x[start:stop])
         if recorded is not None:
-            scores = target_scores(recorded[1], p.targets[start:stop], ctx.output)
+            scores = target_scores(recorded[1], p.targets[start:stop], ctx.output, binary=p.model.binary)
             acts = _picked(tapped.outputs, site)
             (grads,) = torch.autograd.grad(scores.sum(), [acts], allow_unused=True)
         else:
@@ -423,7 +473,7 @@ def _ablated_scores(ctx: CamContext, k: int) -> Tensor:
         channels = torch.where(channels == k, -1, channels)
 
         def ablate(call: int, out: Tensor) -> Tensor:
-            return lay.zero_channel(native[img], channels) if call == site.call else out
+            return lay.zero_channel(lay.take(native, img), channels) if call == site.call else out
 
         with tap(site.module, root=p.model, edit=ablate):
             return p.model.score(p.x[img], p.targets[img], ctx.output).float()

@@ -358,23 +358,24 @@ class _PairedScorer:
             logits = self.model(stacked)
         self.unsupported.update(mode.unsupported)
         z_x, z_r = logits.chunk(2)
-        weights, f_x, f_r = _top_multipliers(z_x.detach(), z_r.detach(), targets, output)
+        weights, f_x, f_r = _top_multipliers(z_x.detach(), z_r.detach(), targets, output, binary=self.model.binary)
         self.scores = (f_x, f_r)
         return (weights * z_x).sum(1)  # d/dz_x = the multipliers of the explained output
 
 
-def _top_multipliers(z_x: Tensor, z_r: Tensor, targets: Tensor, output: str, nodes: int = 16):
+def _top_multipliers(z_x: Tensor, z_r: Tensor, targets: Tensor, output: str, nodes: int = 16, *,
+                     binary: bool = False):
     """Multipliers (B,K) of the explained score at the logits, and the scores at x and x' (B,).
 
-    logit: one-hot. probability: softmax_t is a function of all K logits, so its difference is
+    logit: one-hot (a binary head's log-odds z_t - z_(1-t): +1 and -1, ``adapter.class_scores``). probability: softmax_t is a function of all K logits, so its difference is
     split over them by Integrated Gradients along z' -> z, keeping the chain of multipliers complete.
     The integral is composite Gauss-Legendre in float64 with one 16-point panel per 2 units of logit
     spread (softmax changes faster the larger the logit differences), exact to ~1e-12.
     """
     onehot = F.one_hot(targets, z_x.shape[1]).to(z_x.dtype)
     if output == "logit":
-        pick = lambda z: z.gather(1, targets[:, None]).squeeze(1)  # noqa: E731
-        return onehot, pick(z_x).float(), pick(z_r).float()
+        weights = onehot - onehot.flip(1) if binary else onehot
+        return weights, (weights * z_x).sum(1).float(), (weights * z_r).sum(1).float()
     zx, zr, hot = z_x.double(), z_r.double(), onehot.double()
     delta = zx - zr
     panels = int(min(512, max(1, math.ceil(float((delta.amax(1) - delta.amin(1)).max()) / 2))))
@@ -580,7 +581,7 @@ class _RuleScorer:
             return self.model(x)
 
     def score(self, x: Tensor, targets: Tensor, output: str) -> Tensor:
-        return target_scores(self(x), targets, output)
+        return target_scores(self(x), targets, output, binary=self.model.binary)
 
 
 def _modified_gradients(p: Prepared, scorer: _RuleScorer, output: str, batch_size: int | None) -> Tensor:

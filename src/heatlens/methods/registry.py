@@ -91,7 +91,8 @@ def register(
     """Register an explanation method ``fn(model, x, target="predicted", **hyper) -> Explanation``.
 
     The registered function is wrapped so that, for the duration of the call, the model is a
-    ``Classifier`` in eval mode with frozen parameters (restored afterwards, also on error) and
+    ``Classifier`` inside ``models.hooks.guard`` (the model's lock held: concurrent calls on one model
+    run one at a time; eval mode with frozen parameters, restored afterwards, also on error) and
     black-box models are refused by gradient methods with a clear error.
     family: "gradient" | "path" | "propagation" | "cam" | "perturbation" | "surrogate" | ...
     per_sample: keyword arguments holding one entry per image (e.g. "baseline"): meta-methods that
@@ -104,7 +105,7 @@ def register(
 
     def decorate(fn: F) -> F:
         from ..models.adapter import as_classifier
-        from ..models.hooks import frozen
+        from ..models.hooks import guard
         from ._autograd import gradient_method
 
         @functools.wraps(fn)
@@ -112,7 +113,7 @@ def register(
             clf = as_classifier(model, x)
             if needs_grad:
                 clf.require_gradients(name)
-            with frozen(clf), gradient_method(needs_grad):  # lets prepare's forward be reused by the gradient
+            with guard(clf), gradient_method(needs_grad):  # lets prepare's forward be reused by the gradient
                 return _with_kind(fn(clf, x, target, **hyper), kind)
 
         method.info = METHODS.add(  # type: ignore[attr-defined]

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from ..explanation import Explanation, MetricResult, attribution_maps
 from ..methods.registry import Entry, Registry
-from ..models.adapter import Classifier, as_classifier
+from ..models.adapter import Classifier, as_classifier, guarded
 from ..targets import resolve_target
 from ..validation import check_choice, check_finite, check_images, check_outputs
 
@@ -58,15 +58,18 @@ def register_metric(
     """Register a metric ``fn(model, x, explanation, target=None, **settings) -> MetricResult``.
 
     category: one of ``CATEGORIES``. needs_mask: the metric takes a ground-truth ``mask`` (N,H,W) bool.
+    The registered function runs guarded as methods do (``models.adapter.guarded``): the model a
+    Classifier, its lock held, eval mode and frozen parameters, all restored afterwards.
     """
     check_choice(category, "category", CATEGORIES)
 
     def decorate(fn: Callable[..., MetricResult]) -> Callable[..., MetricResult]:
-        fn.info = METRICS.add(  # type: ignore[attr-defined]
-            name, fn, category=category, higher_is_better=higher_is_better, needs_mask=needs_mask,
+        metric = guarded(fn)
+        metric.info = METRICS.add(  # type: ignore[attr-defined]
+            name, metric, category=category, higher_is_better=higher_is_better, needs_mask=needs_mask,
             **({"description": description} if description else {}),
         )
-        return fn
+        return metric
 
     return decorate
 
@@ -89,6 +92,7 @@ def metric_info(metric: str | Callable[..., MetricResult]) -> Entry | None:
     return getattr(metric, "info", None)
 
 
+@guarded
 def evaluate(
     model: Any,
     x: Tensor,
@@ -104,7 +108,6 @@ def evaluate(
     """
     if isinstance(metrics, str) or callable(metrics):
         metrics = [metrics]
-    model = as_classifier(model, x)
     per_metric = {k: options.pop(k) for k in list(options) if isinstance(options[k], dict) and k in METRICS}
     results: dict[str, MetricResult] = {}
     for metric in metrics:

@@ -7,7 +7,7 @@ noise, the CSEP 590B homework's baseline) is included so "better than chance" ca
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ from ..explanation import Explanation, MetricResult
 from ..methods._autograd import make_generator, prepare
 from ..methods.gradient import explanation as package
 from ..methods.registry import get_method, method_info
+from ..models.adapter import guarded
 from . import evaluate
 
 
@@ -89,10 +90,11 @@ class Comparison:
         return self.to_text()
 
 
+@guarded  # one guarded scope for all its explanations and scores (models.adapter.guarded)
 def compare(
     model: Any,
     x: Tensor,
-    methods: Sequence[str | Callable[..., Explanation]],
+    methods: Sequence[str | Callable[..., Explanation] | Explanation] | Mapping[str, Explanation | str | Callable],
     metrics: Sequence[str | Callable[..., MetricResult]] = ("insertion", "deletion"),
     *,
     target: Any = "predicted",
@@ -104,25 +106,37 @@ def compare(
 ) -> Comparison:
     """Explain x with every method, score every explanation with every metric -> ``Comparison``.
 
+    methods: names or functions (run here), ``Explanation`` objects already computed for ``x`` (scored
+    as they are, named by their ``method``), or a dict name -> either of those.
     method_kwargs: per-method hyperparameters by name, e.g. ``{"smoothgrad": {"n_samples": 20}}``.
     metric_options: passed to ``heatlens.evaluate`` (settings by name, or per metric as
     ``insertion={"fill": "blur"}``). include_random: add the Random-map baseline as method "random".
     """
-    if isinstance(methods, str) or callable(methods):
+    if isinstance(methods, (str, Explanation)) or callable(methods):
         methods = [methods]
     if isinstance(metrics, str) or callable(metrics):
         metrics = [metrics]
     method_kwargs = method_kwargs or {}
+    items = list(methods.items()) if isinstance(methods, Mapping) else [(None, m) for m in methods]
     explanations: dict[str, Explanation] = {}
-    for method in methods:
+    for given_name, method in items:
+        if isinstance(method, Explanation):
+            name = given_name or method.method
+            if len(method) != x.shape[0]:
+                raise ValueError(f"methods: the explanation {name!r} holds {len(method)} images, x has {x.shape[0]}")
+            explanations[name] = method
+            continue
         info = method_info(method)
-        name = info.name if info is not None else getattr(method, "__name__", str(method))
+        name = given_name or (info.name if info is not None else getattr(method, "__name__", str(method)))
         kwargs = dict(method_kwargs.get(name, {}))
         if info is not None and info.stochastic:
             kwargs.setdefault("seed", seed)
         explanations[name] = get_method(method)(model, x, target, batch_size=batch_size, **kwargs)
     if include_random:
-        explanations["random"] = random_explanation(model, x, target, seed=seed)
+        given = [m for _, m in items if isinstance(m, Explanation)]
+        # the baseline scores the class the given explanations explain (e.g. a --target class name)
+        random_target = given[0].targets if given and isinstance(target, str) and target == "predicted" else target
+        explanations["random"] = random_explanation(model, x, random_target, seed=seed)
     rows, results = [], {}
     for name, e in explanations.items():
         scored = evaluate(model, x, e, list(metrics), batch_size=batch_size, **metric_options)

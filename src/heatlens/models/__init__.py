@@ -6,8 +6,8 @@ from .preprocessing import Preprocessing, load_image
 __all__ = ["Classifier", "Preprocessing", "as_classifier", "load_image", "wrap", "load_model"]
 
 
-def load_model(name_or_path, **kwargs):
-    """A pretrained model by name (``"efficientnet-lite0"``) or a Keras 3 ``.keras`` file -> Classifier."""
+def load_model(spec, **kwargs):
+    """A model by zoo name, ``.keras``/``.pt2`` file or ``"package.module:function"`` -> Classifier (``zoo.load_model``)."""
     from .zoo import load_model as _load
 
-    return _load(name_or_path, **kwargs)
+    return _load(spec, **kwargs)

@@ -1,5 +1,7 @@
 """Reversible, scoped edits to a user's model: every context here restores state in ``finally``.
 
+``guard``: the one entry of every method, metric and sanity check: the model's lock held (concurrent
+calls on one model run one after the other) and the model ``frozen`` for the duration of the call.
 ``frozen``: eval mode and no parameter gradients for the duration of an explanation.
 ``capture``: activations (and their gradients) at one layer, hook removed afterwards.
 ``tap``: a layer's output at every call of one forward (as gradient leaves, or edited), hook removed afterwards.
@@ -8,6 +10,8 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,6 +20,37 @@ import torch
 from torch import Tensor, nn
 
 from ..validation import unknown_name
+
+
+# One re-entrant lock per model (weakly keyed: forgotten with the model; an RLock holds no reference
+# to it). Keyed by the wrapped net, so two Classifiers around one module share it.
+_locks: "weakref.WeakKeyDictionary[object, threading.RLock]" = weakref.WeakKeyDictionary()
+_locks_guard = threading.Lock()
+
+
+def model_lock(model: object) -> threading.RLock:
+    """The re-entrant lock of ``model`` (a Classifier locks on the net it wraps; a black box on itself)."""
+    net = getattr(model, "net", None)
+    key = net if net is not None else model  # not `or`: an nn.Sequential with no layers is falsy
+    with _locks_guard:
+        lock = _locks.get(key)
+        if lock is None:
+            lock = _locks[key] = threading.RLock()
+        return lock
+
+
+@contextmanager
+def guard(model: nn.Module) -> Iterator[nn.Module]:
+    """The scope of one method, metric or sanity-check call on ``model``.
+
+    Why a lock: freezing, hooks and the recorded clean pass edit the shared model, so two threads
+    explaining one model at once would see each other's hooks and restore each other's flags. Calls
+    on one model therefore run one at a time (re-entrant: a metric that explains again, a sanity
+    check that calls a method, nest freely); calls on different models still run in parallel.
+    Inside, the model is ``frozen``; everything is restored on exit, also on error.
+    """
+    with model_lock(model), frozen(model):
+        yield model
 
 
 @contextmanager
@@ -222,12 +257,32 @@ def _hooks_registered() -> Iterator[list[torch.utils.hooks.RemovableHandle]]:
 
     PyTorch's transformer fast path skips submodule hooks, so it is off inside and restored after.
     """
-    fastpath = torch.backends.mha.get_fastpath_enabled()
     handles: list[torch.utils.hooks.RemovableHandle] = []
     try:
-        torch.backends.mha.set_fastpath_enabled(False)
+        _fastpath_off()
         yield handles
     finally:
         for handle in handles:
             handle.remove()
-        torch.backends.mha.set_fastpath_enabled(fastpath)
+        _fastpath_restore()
+
+
+# The fast-path switch is process-wide: blocks on several threads (different models) count, so the
+# last one out restores the user's setting, not the first (which would re-enable it under the others).
+_fastpath = {"users": 0, "saved": True}
+_fastpath_lock = threading.Lock()
+
+
+def _fastpath_off() -> None:
+    with _fastpath_lock:
+        if _fastpath["users"] == 0:
+            _fastpath["saved"] = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+        _fastpath["users"] += 1
+
+
+def _fastpath_restore() -> None:
+    with _fastpath_lock:
+        _fastpath["users"] -= 1
+        if _fastpath["users"] == 0:
+            torch.backends.mha.set_fastpath_enabled(_fastpath["saved"])

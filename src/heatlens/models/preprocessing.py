@@ -20,14 +20,16 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """size: (H, W) the model takes. resize: shorter side before the crop (None: resize straight to size).
-    mean / std: per-channel normalisation applied to [0, 1] pixels. channels: 3 for RGB, 1 for grey."""
+    """size: (H, W) the model takes. resize: shorter side before the crop, or an exact (H, W) before the
+    crop (None: resize straight to size). mean / std: per-channel normalisation applied to [0, 1] pixels.
+    channels: 3 for RGB, 1 for grey. resample: "bilinear" (default), "bicubic" or "nearest"."""
 
     size: tuple[int, int]
-    resize: int | None = None
+    resize: int | tuple[int, int] | None = None
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
     channels: int = 3
+    resample: str = "bilinear"
 
     def __call__(self, images: Any) -> Tensor:
         """Images -> model input (N,C,H,W). A list or tuple is preprocessed one image at a time, so each
@@ -65,23 +67,42 @@ class Preprocessing:
         h, w = self.size
         if self.resize is None:
             if tuple(batch.shape[-2:]) != (h, w):
-                batch = _resize(batch, (h, w))
+                batch = _resize(batch, (h, w), self.resample)
             return batch
         ih, iw = batch.shape[-2:]
-        scale = self.resize / min(ih, iw)
-        new = (max(h, round(ih * scale)), max(w, round(iw * scale)))
+        if isinstance(self.resize, int):
+            scale = self.resize / min(ih, iw)
+            new = (max(h, round(ih * scale)), max(w, round(iw * scale)))
+        else:  # an exact size, then the crop (Hugging Face processors with size {height, width} + crop_size)
+            new = (max(h, int(self.resize[0])), max(w, int(self.resize[1])))
         if new != (ih, iw):
-            batch = _resize(batch, new)
+            batch = _resize(batch, new, self.resample)
         top, left = (batch.shape[-2] - h) // 2, (batch.shape[-1] - w) // 2
         return batch[..., top : top + h, left : left + w]
 
 
-def _resize(batch: Tensor, size: tuple[int, int]) -> Tensor:
-    return F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+RESAMPLE = ("bilinear", "bicubic", "nearest")
+
+
+def _resize(batch: Tensor, size: tuple[int, int], resample: str = "bilinear") -> Tensor:
+    if resample not in RESAMPLE:
+        raise ValueError(f"resample must be one of {', '.join(RESAMPLE)}, got {resample!r}")
+    if resample == "nearest":  # no antialiasing for nearest (as PIL's NEAREST)
+        return F.interpolate(batch, size=size, mode="nearest-exact")
+    # antialias=True filters when shrinking, as PIL does: the Hugging Face processors resize with PIL
+    return F.interpolate(batch, size=size, mode=resample, align_corners=False, antialias=True).clamp(0, 1)
+
+
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's modes for 16-bit (and 32-bit) grey
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """Read an image file as an RGB uint8 (H,W,3) array; a clear error names an unreadable path."""
+    """Read an image file as RGB (H,W,3): uint8 for 8-bit files, float32 in [0, 1] for 16-bit ones.
+
+    Pillow opens 16-bit grey PNG/TIFF as integer modes that ``convert("RGB")`` clips at 255 (an
+    all-white image); they are scaled by their real range (65535) instead. The array is a fresh,
+    writable copy. A clear error names an unreadable path.
+    """
     from PIL import Image, UnidentifiedImageError
 
     p = Path(path)
@@ -89,9 +110,20 @@ def load_image(path: str | Path) -> np.ndarray:
         raise FileNotFoundError(f"image file {str(p)!r} does not exist")
     try:
         with Image.open(p) as img:
-            return np.asarray(img.convert("RGB"))
+            if img.mode in HIGH_BIT_MODES:
+                return _high_bit_grey(np.array(img), img.mode)
+            if img.mode == "F":  # 32-bit float grey (TIFF): kept as floats, [0, 1] or [0, 255] (see _scale)
+                return np.repeat(np.array(img, dtype=np.float32)[..., None], 3, axis=2)
+            return np.array(img.convert("RGB"))
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"image file {str(p)!r} is not a readable image: {err}") from None
+
+
+def _high_bit_grey(a: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit grey (or 32-bit "I" holding 16-bit data, as Pillow reads some PNGs) -> float32 (H,W,3) in [0, 1]."""
+    a = a.astype(np.float64)
+    top = 65535.0 if mode != "I" or a.max() <= 65535 else float(2**31 - 1)
+    return np.repeat((np.clip(a, 0, top) / top).astype(np.float32)[..., None], 3, axis=2)
 
 
 def to_unit_batch(images: Any, channels: int = 3) -> Tensor:
@@ -134,7 +166,9 @@ def _from_numpy(a: np.ndarray) -> Tensor:
         a = a[None] if a.shape[-1] in (1, 3, 4) else a[..., None]
     if a.ndim != 4:
         raise ValueError(f"images must be HW, HWC or NHWC arrays, got shape {a.shape}")
-    t = torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2)
+    # a copy when the array is read-only (np.asarray of a PIL image): torch warns on those
+    a = np.ascontiguousarray(a) if a.flags.writeable else np.array(a)
+    t = torch.from_numpy(a).permute(0, 3, 1, 2)
     return _scale(t)
 
 

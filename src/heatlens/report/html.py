@@ -131,20 +131,23 @@ def explanation_section(
     *,
     labels: Sequence[str] | None = None,
     true_labels: Sequence[int] | None = None,
-    reduce: str | None = None,  # None: the one map rule of Explanation.maps
+    names: Sequence[str] | None = None,
+    reduce: str | None = None,
     cell_width: int = 180,
 ) -> Section:
     """A grid: one row per image (original first), one column per method, overlays embedded.
 
     images: (N,H,W,3) floats in [0,1] (``model.deprocess(x)``). With ``true_labels`` each row is framed
-    green when the prediction is right and red when it is wrong, as in the R255 practical.
+    green when the prediction is right and red when it is wrong, as in the R255 practical. names: a
+    caption line per image (e.g. file names). Each picture is ``viz.explanation_overlay``: colours
+    scaled to the 99th percentile of |map|, LIME as outlined segments.
     """
-    from ..viz.overlay import overlay
+    from ..viz.overlay import explanation_overlay
 
-    names = list(explanations)
-    first = explanations[names[0]] if names else None
+    methods = list(explanations)
+    first = explanations[methods[0]] if methods else None
     n = images.shape[0]
-    head = "<div class='cell'>input</div>" + "".join(f"<div class='cell'><b>{html.escape(m)}</b></div>" for m in names)
+    head = "<div class='cell'>input</div>" + "".join(f"<div class='cell'><b>{html.escape(m)}</b></div>" for m in methods)
     rows = [head]
     for i in range(n):
         pred = int(first.predictions[i]) if first is not None else None
@@ -153,19 +156,21 @@ def explanation_section(
         if true_labels is not None and pred is not None:
             frame = "frame-good" if pred == int(true_labels[i]) else "frame-bad"
         caption = _caption(pred, target, labels, None if true_labels is None else int(true_labels[i]))
+        if names is not None:
+            caption = f"{names[i]}: {caption}"
         cells = [f"<div class='{frame}'>{img_tag(png_data_uri(images[i]), 'input', cell_width)}"
-                 f"<div class='cell'>{html.escape(caption)}</div></div>"]
-        for m in names:
-            e = explanations[m]
-            heat = e.maps(reduce)[i].detach().cpu().float().numpy()
-            signed = bool((heat < 0).any())
-            rgb = overlay(images[i], heat, cmap="bwr" if signed else "jet", alpha=0.55)
+                 f"<div class='cell caption'>{html.escape(caption)}</div></div>"]
+        for m in methods:
+            rgb = explanation_overlay(explanations[m], i, images[i], reduce=reduce)
             cells.append(f"<div>{img_tag(png_data_uri(rgb), m, cell_width)}</div>")
         rows.append("".join(cells))
-    style = f"grid-template-columns: repeat({len(names) + 1}, minmax(0, {cell_width}px));"
+    style = f"grid-template-columns: repeat({len(methods) + 1}, minmax(0, {cell_width}px));"
     body = "".join(f"<div class='grid' style='{style}'>{r}</div>" for r in rows)
-    legend = ("<p class='subtitle'>Blue-white-red maps are signed (red supports the target, blue opposes it); "
-              "other maps show magnitude. Frames: green = correct prediction, red = mispredicted.</p>")
+    legend = ("<p class='subtitle'>Pixel maps: signed ones blue-white-red (red supports the explained class, blue "
+              "opposes it), magnitudes black-red-yellow, over a grey copy of the image, opaque where relevance is "
+              "high; colours are clipped at the 99th percentile of |map|. CAMs: jet. LIME / KernelSHAP: outlines of "
+              "the strongest superpixels, green for the class, red against. Frames: green = correct prediction, "
+              "red = mispredicted.</p>")
     return Section(title, legend + body)
 
 
@@ -207,7 +212,8 @@ def sanity_section(title: str, results: Sequence[SanityResult], *, plots: bool =
 
 
 def _caption(pred: int | None, target: int | None, labels: Sequence[str] | None, truth: int | None) -> str:
-    name = lambda k: (labels[k] if labels is not None and 0 <= k < len(labels) else str(k))  # noqa: E731
+    # the first comma-separated part: ImageNet labels carry their WordNet synonyms after it
+    name = lambda k: (labels[k].split(",")[0] if labels is not None and 0 <= k < len(labels) else str(k))  # noqa: E731
     parts = []
     if pred is not None:
         parts.append(f"pred {name(pred)}")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +55,10 @@ def accuracy_figure(training: Any):
 
 
 def story_sections(story: Any, *, seed: int = 0, n_images: int = 6, sanity: bool = True,
-                   evaluate: bool = True) -> list[Section]:
-    """Report sections for a ``heatlens.debug.Story`` (the finding first: it is what readers came for)."""
+                   evaluate: bool = True, on_step: Callable[[str], None] | None = None) -> list[Section]:
+    """Report sections for a ``heatlens.debug.Story`` (the finding first: it is what readers came for).
+
+    on_step: called after each costly section (faithfulness, sanity checks, ablation figures)."""
     report, training = story.report, story.training
     sections = [
         text_section("Finding", report.finding, evidence=_evidence_rows(report.evidence)),
@@ -68,16 +71,23 @@ def story_sections(story: Any, *, seed: int = 0, n_images: int = 6, sanity: bool
         sections.append(explanation_section(
             f"Explanations of {split} images", story.model.deprocess(images.x[:n_images]), explanations,
             labels=images.labels, true_labels=images.y[:n_images].tolist(), cell_width=168))
-    sections.append(figure_section("Training vs test images", [(report.plot(), "rows: images; columns: methods")]))
+    sections.append(figure_section("Training vs test images", [(report.plot(), "top: training images, bottom: "
+                                   "test images; columns: methods (magnitude maps, clipped at the 99th percentile)")]))
     test_x = report.images["test"].x
     if evaluate:
         sections.append(_faithfulness_section(story.model, test_x, seed))
+        if on_step is not None:
+            on_step("faithfulness")
     if sanity:
         sections.append(_sanity_section(story.model, test_x[:4], seed))
+        if on_step is not None:
+            on_step("sanity checks")
     if story.ablations:
         sections.append(figure_section("Ablations (the R255 practical)",
                                        [(a.plot(images=story.test.x[:2]), _ablation_caption(a))
                                         for a in story.ablations.values()]))
+        if on_step is not None:
+            on_step("ablation figures")
     sections.append(text_section("Set-up", _setup_text(story, seed), highlight=False))
     return sections
 
@@ -117,9 +127,17 @@ def _sanity_section(model: Any, x: torch.Tensor, seed: int) -> Section:
 
 
 def _ablation_caption(ablation: Any) -> str:
-    stats = "; ".join(f"{v}: similarity to last {s.get('similarity_to_last', float('nan')):.2f}"
-                      for v, s in zip(ablation.values, ablation.stats))
-    return f"{ablation.name} ({ablation.parameter}) — {stats}"
+    if ablation.parameter == "num_features":
+        text = (f"{ablation.name} ({ablation.parameter}): the outlines of the k superpixels with the largest |weight| "
+                "(green for the predicted sum, red against) on ~30 SLIC superpixels; lime's own quickshift "
+                "gives these digits only 3-4 superpixels, where k barely matters")
+    else:
+        stats = "; ".join(f"{v}: rank correlation with the first {s.get('spearman_to_first', float('nan')):.2f}, "
+                          f"with the last {s.get('spearman_to_last', float('nan')):.2f}"
+                          for v, s in zip(ablation.values, ablation.stats))
+        text = f"{ablation.name} ({ablation.parameter}) — {stats}"
+    note = getattr(ablation, "note", "")
+    return f"{text}. {note}" if note else text
 
 
 def _setup_text(story: Any, seed: int) -> str:
@@ -156,13 +174,18 @@ def run_demo(
         check_positive_int(epochs, "epochs")
     if device not in (None, "cpu"):
         echo(f"note: the digit story runs on the CPU (tiny model); --device {device} is not used here")
+    from ..debug.shortcut import STORY_STEPS
+
     start = time.perf_counter()
     echo(f"heatlens demo: digit sums with the {shortcut or 'no'} shortcut planted in the training split")
-    story = debugging_story(shortcut, epochs=epochs or 10, seed=seed, progress=progress,
-                            methods=list(STORY_METHODS))
+    n_epochs = epochs or 10
+    # one progress display for the whole run: the bars of the ~100 batched passes inside stay off
+    with _story_progress(n_epochs + STORY_STEPS + 3, enabled=progress) as step:
+        story = debugging_story(shortcut, epochs=n_epochs, seed=seed, progress=progress,
+                                methods=list(STORY_METHODS), on_step=step)
+        sections = story_sections(story, seed=seed, on_step=step)
     echo(f"trained: {story.training.summary()}")
     echo(f"finding: {story.report.finding}")
-    sections = story_sections(story, seed=seed)
     out = Path(out)
     path = write_report(out / "report.html", f"heatlens demo: the {shortcut or 'clean'} story", sections,
                         subtitle=story.report.description)
@@ -171,6 +194,32 @@ def run_demo(
         "test_acc": story.training.test_acc, "history": story.training.history}})
     echo(f"done in {time.perf_counter() - start:.0f} s")
     return path
+
+
+@contextmanager
+def _story_progress(total: int, *, enabled: bool) -> Iterator[Callable[[str], None]]:
+    """One tqdm bar over the story's stages (its callback names the stage done), batching's bars off."""
+    from .. import batching
+
+    was = batching.progress_enabled()
+    batching.set_progress(False)
+    bar = None
+    if enabled:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="heatlens demo", unit="stage", leave=False)
+
+    def step(what: str) -> None:
+        if bar is not None:
+            bar.set_postfix_str(what)
+            bar.update(1)
+
+    try:
+        yield step
+    finally:
+        if bar is not None:
+            bar.close()
+        batching.set_progress(was)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -52,7 +52,7 @@ class BiasMap(nn.Module):
         self.register_buffer("offset", offset)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.layer(x) - self.offset
+        return self.layer(x) - self.offset.to(x.dtype)  # a bfloat16 model must not be promoted
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -22,9 +22,14 @@ def _numpy(t: Any) -> np.ndarray:
 
 
 def plot_metric(result: Any, ax: Any = None, *, label: str | None = None, show_images: bool = True,
-                color: str | None = None):
+                color: str | None = None, n_features: int | None = None, x_axis: str = "fraction"):
     """A ``MetricResult``: its curves (one thin line per image, the mean bold) with the AUC in the legend,
     or, for curve-less metrics, the per-image values as points with the mean -> Figure.
+
+    n_features: features per image (e.g. (224 // 8) ** 2 for 8x8 superpixels; default
+    ``result.extras["n_features"]`` when the metric records it). With it, a second x axis on top
+    counts features perturbed (``x_axis="fraction"``, the default), or the main axis does
+    (``x_axis="features"``).
     """
     fig, ax = _axes(ax)
     values = _numpy(result.values)
@@ -42,6 +47,7 @@ def plot_metric(result: Any, ax: Any = None, *, label: str | None = None, show_i
         ax.set_xlabel("fraction of features")
         ax.set_ylabel(str(result.params.get("output", "score")))
         ax.set_xlim(float(xs.min()), float(xs.max()))
+        _feature_axis(ax, result, n_features, x_axis)
     else:
         ax.plot(np.arange(len(values)), values, "o", color=color or "C0", label=f"{name} (mean {result.mean():.3g})")
         ax.axhline(result.mean(), color=color or "C0", linewidth=1, linestyle="--")
@@ -50,6 +56,28 @@ def plot_metric(result: Any, ax: Any = None, *, label: str | None = None, show_i
     ax.set_title(f"{result.name} ({arrow})", fontsize=10)
     ax.legend(fontsize=8)
     return fig
+
+
+def _feature_axis(ax: Any, result: Any, n_features: int | None, x_axis: str) -> None:
+    """Label the curve's x axis in features perturbed as well as (or instead of) fractions."""
+    from ..validation import check_choice
+
+    check_choice(x_axis, "x_axis", ("fraction", "features"))
+    total = n_features if n_features is not None else result.extras.get("n_features")
+    if total is None:
+        if x_axis == "features":
+            raise ValueError("x_axis='features' needs n_features (features per image), e.g. n_features=(224 // 8) ** 2")
+        return
+    total = float(total.max() if hasattr(total, "max") else total)
+    if x_axis == "features":
+        from matplotlib.ticker import FuncFormatter
+
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v * total:.0f}"))
+        ax.set_xlabel("features perturbed")
+        return
+    top = ax.secondary_xaxis("top", functions=(lambda f: f * total, lambda k: k / total))
+    top.set_xlabel("features perturbed", fontsize=8)
+    top.tick_params(labelsize=7)
 
 
 def plot_sanity(result: Any, ax: Any = None, *, columns: list[str] | None = None):
@@ -64,22 +92,38 @@ def plot_sanity(result: Any, ax: Any = None, *, columns: list[str] | None = None
         return fig
     keys = list(table[0])
     x_key = next((k for k in keys if isinstance(table[0][k], str)), None)
-    numeric = columns or [k for k in keys if k != x_key and all(_is_number(r.get(k)) for r in table)]
+    if x_key is None and "image" in keys:
+        x_key = "image"
+    # identifiers (image index, class indices) are not measurements: never drawn as lines
+    numeric = columns or [k for k in keys if k != x_key and k not in ID_COLUMNS
+                          and all(_is_number(r.get(k)) for r in table)]
     if not numeric:
         raise ValueError(f"the sanity table has no numeric column to plot (columns: {keys})")
     xs = np.arange(len(table))
+    per_image = x_key == "image"
     for k in numeric:
-        ax.plot(xs, [float(r[k]) for r in table], marker="o", label=k)
+        ax.plot(xs, [float(r[k]) for r in table], marker="o", linestyle="none" if per_image else "-", label=k)
+    if "threshold" in result.params:
+        ax.axhline(float(result.params.get("threshold", 0.5)), color="grey", linestyle="--", linewidth=1,
+                   label=f"threshold {float(result.params.get('threshold', 0.5)):g}")
     if x_key is not None:
-        ax.set_xticks(xs)
-        ax.set_xticklabels([str(r[x_key]) for r in table], rotation=45, ha="right", fontsize=7)
-        ax.set_xlabel(x_key)
+        labels = [str(r[x_key]) for r in table]
+        step = max(1, int(np.ceil(len(labels) / MAX_TICK_LABELS)))  # many layers: label every step-th one
+        ax.set_xticks(xs[::step])
+        # long layer names stand upright: slanted ones overlap their neighbours' boxes
+        upright = not per_image and max(len(t) for t in labels) > 6
+        ax.set_xticklabels(labels[::step], rotation=90 if upright else 0, ha="center", fontsize=7)
+        ax.set_xlabel(x_key if not per_image else "image")
     ax.set_ylabel("value")
     verdict = "PASS" if result.passed else "FAIL"
     ax.set_title(f"{result.name} · {result.method}: {verdict}", fontsize=10,
                  color="green" if result.passed else "red")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="best")
     return fig
+
+
+ID_COLUMNS = ("image", "target", "random_class", "layer_index")
+MAX_TICK_LABELS = 16
 
 
 def plot_metrics(results: dict[str, Any], ax: Any = None):

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .colormaps import apply_colormap, limits, png_data_uri, to_uint8
+from .colormaps import apply_colormap, is_diverging, limits, png_data_uri, to_uint8
 
 SIGNED_REDUCTIONS = ("sum", "mean", "none")
 POSITIVE, NEGATIVE = (0.0, 1.0, 0.0), (1.0, 0.0, 0.0)  # lime's green / red
@@ -101,6 +101,71 @@ def overlay(
     return to_uint8((1.0 - a) * img + a * colours)
 
 
+def robust_limit(values: Any, percentile: float = 99.0) -> float:
+    """The ``percentile`` of |values| (PAIR's visualisation clips there), or max |values| when that is 0.
+
+    Gradient maps are heavy-tailed: one pixel several times the 99th percentile makes a min-max scaled
+    map almost black, so views clip at a high percentile while the Explanation keeps the raw values.
+    """
+    v = np.abs(_as_map(values))
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return 1.0
+    bound = float(np.percentile(v, percentile))
+    if bound <= 0:
+        bound = float(v.max())
+    return bound if bound > 0 else 1.0
+
+
+def heat_overlay(image: Any, values: Any, *, signed: bool | None = None, percentile: float = 99.0,
+                 cmap: str | None = None, smooth: bool = False) -> np.ndarray:
+    """A readable overlay -> (H,W,3) uint8, colours scaled to the ``percentile`` of |map| (clipped above).
+
+    Pixel maps (gradients, occlusion; ``smooth=False``): the map's colours over a dimmed grey copy of
+    the image, opacity proportional to |value|, so the few strong pixels stand out and the image shows
+    where the map is near zero. signed (default: the map has negative values): ``bwr`` centred at 0,
+    red supports the target, blue opposes it; otherwise ``hot``. Smooth maps (CAMs, ``smooth=True``):
+    the classic ``jet`` overlay at opacity 0.5 over the colour image.
+    """
+    m = _as_map(values)
+    signed = bool((m < 0).any()) if signed is None else signed
+    bound = robust_limit(m, percentile)
+    lo = -bound if signed else 0.0
+    if smooth:
+        return overlay(image, m, cmap or ("bwr" if signed else "jet"), 0.5, vmin=lo, vmax=bound)
+    img = as_image(image)
+    grey = np.repeat(img.mean(-1, keepdims=True), 3, axis=-1) * 0.6 + 0.15  # dimmed, colourless background
+    strength = np.clip(np.abs(resize_map(m, img.shape[:2])) / bound, 0.0, 1.0)
+    return overlay(grey, m, cmap or ("bwr" if signed else "hot"), 0.9 * strength, vmin=lo, vmax=bound)
+
+
+def explanation_overlay(explanation: Any, index: int, image: Any, *, reduce: str | None = None,
+                        percentile: float = 99.0, num_features: int | None = None) -> np.ndarray:
+    """The picture of one image's explanation -> (H,W,3) uint8 (the CLI's PNGs, the HTML report, grids).
+
+    LIME / KernelSHAP (segment weights in ``extras``): lime's picture, outlines of the ``num_features``
+    strongest segments over the image (green positive, red negative; default the explanation's own
+    ``num_features`` or 5). Other methods: ``heat_overlay`` of ``maps(reduce)`` (default ``sum_abs``
+    for colour attributions, the signed map for single-channel ones such as CAMs and occlusion); coarse
+    maps (CAMs, smaller than the input) as smooth overlays.
+    """
+    extras = explanation.extras
+    if "segments" in extras and "weights" in extras:
+        k = num_features if num_features is not None else int(explanation.params.get("num_features", 5) or 5)
+        return to_uint8(lime_boundaries(image, extras["segments"][index], extras["weights"][index],
+                                        num_features=k, thick=True))
+    if reduce is None:
+        reduce = "sum_abs" if explanation.attributions.shape[1] > 1 else "sum"
+    m = explanation.maps(reduce)[index].detach().cpu().double().numpy()
+    coarse = tuple(explanation.attributions.shape[-2:]) != tuple(m.shape[-2:])
+    return heat_overlay(image, m, percentile=percentile, smooth=coarse)
+
+
+def _as_map(values: Any) -> np.ndarray:
+    m = values.detach().cpu().double().numpy() if hasattr(values, "detach") else np.asarray(values, dtype=float)
+    return m[0] if m.ndim == 3 and m.shape[0] == 1 else m
+
+
 def lime_boundaries(
     image: Any,
     segments: Any,
@@ -108,12 +173,14 @@ def lime_boundaries(
     *,
     num_features: int = 5,
     positive_only: bool = False,
+    thick: bool = False,
 ) -> np.ndarray:
     """LIME's picture: boundaries of the ``num_features`` strongest segments, green positive, red negative.
 
     image (H,W,3); segments (H,W) int labels; weights (S,) one per segment. Segments are ranked by
     |weight| (lime's order); ``positive_only`` keeps positive ones. Boundaries are drawn as
-    ``skimage.segmentation.mark_boundaries`` draws them. Returns (H,W,3) float in [0,1].
+    ``skimage.segmentation.mark_boundaries`` draws them (``thick``: its "thick" mode, readable on
+    large photos). Returns (H,W,3) float in [0,1].
     """
     from skimage.segmentation import mark_boundaries
 
@@ -130,7 +197,7 @@ def lime_boundaries(
         picked = [s for s in chosen if np.sign(w[s]) == sign]
         labels = np.where(np.isin(segs, picked), segs + 1, 0)
         if picked:
-            out = mark_boundaries(out, labels, color=colour)
+            out = mark_boundaries(out, labels, color=colour, mode="thick" if thick else "outer")
     return np.clip(out, 0.0, 1.0)
 
 
@@ -146,27 +213,54 @@ def explanation_panels(
     explanation: Any,
     images: Any = None,
     *,
-    reduce: str = "sum_abs",
+    reduce: str | None = None,
     cmap: str | None = None,
-    alpha: float = 0.5,
+    alpha: float | None = None,
     max_images: int = 8,
+    percentile: float = 99.0,
 ) -> list[dict[str, Any]]:
-    """Per image: the picture, the map, its overlay and captions; data for figures and HTML alike."""
+    """Per image: the picture, the map, its overlay (``explanation_overlay``), colour scale and captions.
+
+    reduce: channel reduction (default ``sum_abs`` for colour attributions, the signed map for
+    single-channel ones). cmap / alpha: force a plain ``overlay`` with that colormap and opacity
+    instead (min-max limits of the old view are not used: limits are the ``percentile`` of |map|).
+    "cmap" and "limits" of a panel describe its colour bar; None for LIME outlines.
+    """
     n = min(len(explanation), max_images)
-    maps = explanation.maps(reduce).detach().cpu().double().numpy()[:n]
-    cmap = cmap or default_cmap(reduce)
+    default_reduce = "sum_abs" if explanation.attributions.shape[1] > 1 else "sum"
+    maps = explanation.maps(reduce or default_reduce).detach().cpu().double().numpy()[:n]
     pictures = _pictures(explanation, images, n)
     names = explanation.target_names()
     preds = explanation.predictions.tolist()
     labels = explanation.labels
+    lime_like = "segments" in explanation.extras and "weights" in explanation.extras and reduce is None
+    coarse = tuple(explanation.attributions.shape[-2:]) != tuple(maps.shape[-2:])
     panels = []
     for i in range(n):
         pred = labels[preds[i]] if labels is not None else str(preds[i])
+        signed = bool((maps[i] < 0).any())
+        bound = robust_limit(maps[i], percentile)
+        if cmap is not None or alpha is not None:
+            cm = cmap or default_cmap(reduce or default_reduce)
+            lo, hi = (-bound, bound) if is_diverging(cm) else (0.0, bound)
+            picture = overlay(pictures[i], maps[i], cm, 0.5 if alpha is None else alpha, vmin=lo, vmax=hi)
+        else:
+            picture = explanation_overlay(explanation, i, pictures[i], reduce=reduce, percentile=percentile)
+            cm = "bwr" if signed else ("jet" if coarse else "hot")
+            lo, hi = (-bound, bound) if signed else (0.0, bound)
         panels.append({
-            "image": pictures[i], "map": maps[i], "overlay": overlay(pictures[i], maps[i], cmap, alpha),
-            "cmap": cmap, "limits": limits(maps[i], cmap), "target": names[i], "prediction": pred,
+            "image": pictures[i], "map": maps[i], "overlay": picture, "cmap": None if lime_like else cm,
+            "limits": None if lime_like else (lo, hi), "target": names[i], "prediction": pred,
         })
     return panels
+
+
+def short_label(name: str, width: int = 24) -> str:
+    """An ImageNet-style label ("tabby cat, tabby, ...") as its first name, wrapped to ``width`` characters."""
+    import textwrap
+
+    first = str(name).split(",")[0].strip()
+    return "\n".join(textwrap.wrap(first, width)) or first
 
 
 def default_cmap(reduce: str) -> str:
@@ -190,40 +284,46 @@ def plot_explanation(
     explanation: Any,
     images: Any = None,
     *,
-    reduce: str = "sum_abs",
+    reduce: str | None = None,
     cmap: str | None = None,
-    alpha: float = 0.5,
+    alpha: float | None = None,
     max_images: int = 8,
     show_images: bool = True,
     colorbar: bool = True,
     figsize: tuple[float, float] | None = None,
+    percentile: float = 99.0,
 ):
-    """Each image (top row) and its attribution overlay with a colour bar (bottom row) -> Figure.
+    """Each image (top row) and its explanation (bottom row, ``explanation_overlay``) with a colour bar -> Figure.
 
     images: displayable images (N,H,W,C) / (N,C,H,W) in [0,1] or uint8; default the explanation's
-    inputs min-max scaled. reduce: channel reduction (``Explanation.maps``); signed reductions use a
-    diverging colormap centred at 0. Nothing is shown: the caller saves or displays the Figure.
+    inputs min-max scaled. Colours are clipped at the ``percentile`` of |map| (the raw values stay in
+    the Explanation); LIME / KernelSHAP show lime's outlines. Titles use the first name of a label,
+    wrapped to the panel. Nothing is shown: the caller saves or displays the Figure.
     """
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
-    panels = explanation_panels(explanation, images, reduce=reduce, cmap=cmap, alpha=alpha, max_images=max_images)
+    panels = explanation_panels(explanation, images, reduce=reduce, cmap=cmap, alpha=alpha, max_images=max_images,
+                                percentile=percentile)
     rows = 2 if show_images else 1
     h, w = panels[0]["map"].shape if panels else (1, 1)
-    width = max(2.0, 2.6 * w / max(h, 1))
-    fig = Figure(figsize=figsize or (width * len(panels), 2.4 * rows), layout="constrained")
+    width = max(2.4, 2.6 * w / max(h, 1))
+    chars = max(12, int(width * 8))  # characters of a 9-pt title that fit the panel
+    fig = Figure(figsize=figsize or (width * len(panels), 2.9 * rows), layout="constrained")
     axes = fig.subplots(rows, len(panels), squeeze=False)
     for j, p in enumerate(panels):
         if show_images:
             axes[0, j].imshow(p["image"])
-            axes[0, j].set_title(f"prediction {p['prediction']}", fontsize=9)
+            axes[0, j].set_title(short_label(f"predicted {short_label(p['prediction'], 200)}", chars), fontsize=9)
         ax = axes[rows - 1, j]
         ax.imshow(p["overlay"])
-        ax.set_title(f"{explanation.method} -> {p['target']}", fontsize=9)
-        if colorbar:
+        ax.set_title(short_label(f"{explanation.method}: {short_label(p['target'], 200)}", chars), fontsize=9)
+        if colorbar and p["limits"] is not None:
             lo, hi = p["limits"]
-            fig.colorbar(ScalarMappable(Normalize(lo, hi), p["cmap"]), ax=ax, fraction=0.046, pad=0.02)
+            bar = fig.colorbar(ScalarMappable(Normalize(lo, hi), p["cmap"]), ax=ax, fraction=0.046, pad=0.02)
+            bar.ax.tick_params(labelsize=7)
+            bar.formatter.set_powerlimits((-2, 3))
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])

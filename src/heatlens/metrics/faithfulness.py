@@ -285,7 +285,8 @@ def completeness(
     (``"zeros"`` / ``"logit"`` otherwise). extras["gap"] (N,) is the signed difference.
     """
     s = canonical(model, x, explanation, target, reduce="sum")
-    if s.attributions.shape != s.x.shape:
+    one_per_location = s.attributions.shape[1] == 1 and s.attributions.shape[2:] == s.x.shape[2:]
+    if s.attributions.shape != s.x.shape and not one_per_location:  # (N,1,H,W) location maps sum as well
         raise ValueError(f"completeness needs attributions shaped like x {tuple(s.x.shape)}, "
                          f"got {tuple(s.attributions.shape)}")
     params = explanation.params if isinstance(explanation, Explanation) else {}

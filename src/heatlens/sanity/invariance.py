@@ -39,6 +39,30 @@ def first_layer(model: Classifier, x: Tensor) -> tuple[str, nn.Module]:
     return name, dict(model.named_modules())[name]
 
 
+def input_layers(model: Classifier, x: Tensor) -> list[str]:
+    """Every Conv2d / Linear fed the input itself (its storage: flatten views included), e.g. a main
+    body and an auxiliary head; the first layer reached when none is (the copy is then checked)."""
+    seen: list[str] = []
+    handles = []
+    probe = x[:1].clone()
+    ptr = probe.untyped_storage().data_ptr()
+
+    def hook(_m, inputs, name):
+        if inputs and isinstance(inputs[0], Tensor) and inputs[0].untyped_storage().data_ptr() == ptr:
+            seen.append(name)
+
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            handles.append(m.register_forward_pre_hook(lambda _m, i, name=name: hook(_m, i, name)))
+    try:
+        with torch.inference_mode():
+            model(probe)
+    finally:
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(seen)) or [first_layer(model, x)[0]]
+
+
 class BiasMap(nn.Module):
     """``layer(x) - offset``: the first layer with its response to the input shift taken off.
 
@@ -84,8 +108,16 @@ def shift_compensated(model: Classifier, x: Tensor, shift: Tensor) -> Classifier
     see the input directly, e.g. a normalisation before it): an inexact copy would blame the method.
     """
     clf = copy.deepcopy(model)
-    name, layer = first_layer(clf, x)
-    response = _response(layer, shift, tuple(x.shape[1:]))
+    for name in input_layers(clf, x):
+        _compensate(clf, name, shift, tuple(x.shape[1:]))
+    _check_exact(model, clf, x, shift)
+    return clf
+
+
+def _compensate(clf: nn.Module, name: str, shift: Tensor, item_shape: tuple[int, ...]) -> None:
+    """Subtract layer ``name``'s response to the shift after it (in the bias where exact, else a BiasMap)."""
+    layer = dict(clf.named_modules())[name]
+    response = _response(layer, shift, item_shape)
     per_channel = response.flatten(2).mean(2) if response.dim() > 2 else response  # (1,K)
     spread = (response - (per_channel[..., None, None] if response.dim() > 2 else per_channel)).abs().max()
     constant = bool(spread <= 1e-7 * response.abs().max().clamp_min(1.0))
@@ -97,8 +129,6 @@ def shift_compensated(model: Classifier, x: Tensor, shift: Tensor) -> Classifier
             layer.bias.sub_(offset)
         else:
             _set_module(clf, name, BiasMap(layer, response.to(layer.weight)))
-    _check_exact(model, clf, x, shift)
-    return clf
 
 
 COMPENSATION_TOLERANCE = 1e-4  # largest logit gap of the copy, relative to the largest |logit|

@@ -111,3 +111,27 @@ def test_allocator_benchmark_times_fresh_processes():
     assert 0 < seconds < 60
     with pytest.raises(Exception, match="returned non-zero exit status"):
         A._run("raise SystemExit(3)", tune=False)
+
+
+@pytest.mark.slow
+def test_ig_benchmark_prices_exact_pass_counts(tmp_path):
+    """bench_ig --quick: heatlens reaches its tolerance, costs are passes x measured prices, ratios follow."""
+    from benchmarks import bench_ig
+
+    threads = torch.get_num_threads()
+    try:
+        payload = bench_ig.main(["--quick", "--baselines", "zeros", "--results", str(tmp_path), "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    price = payload["prices"]
+    for case in payload["cases"]:
+        hl_ = case["heatlens"]
+        assert hl_["gap"] <= payload["tolerance"]
+        assert hl_["cost_s"] == pytest.approx(hl_["passes"]["forward"] * price["forward"]
+                                              + hl_["passes"]["forward_backward"] * price["forward_backward"])
+        gl = case["gausslegendre"]
+        assert gl["tried"][gl["n_steps"]] <= payload["tolerance"]
+        assert gl["largest_failing"] == 0 or gl["tried"][gl["largest_failing"]] > payload["tolerance"]
+        assert case["ratio"] == pytest.approx(min(case[r]["cost_s"] for r in ("gausslegendre", "riemann_trapezoid"))
+                                              / hl_["cost_s"])
+    assert (tmp_path / "bench_ig_quick.json").exists()

@@ -33,9 +33,10 @@ def explain(model: Any, x: Any, method: Any = "saliency", /, target: Any = "pred
     (Integrated Gradients' quadrature) passes through."""
     from .methods import get_method
 
-    if isinstance(method, (list, tuple)):
-        return {m if isinstance(m, str) else getattr(m, "__name__", str(m)): explain(model, x, m, target, **hyper)
-                for m in method}
+    if isinstance(method, (list, tuple)):  # shared passes where methods allow (heatlens.methods.multi)
+        from .methods.multi import explain_many
+
+        return explain_many(model, x, method, target, **hyper)
     return get_method(method)(model, x, target, **hyper)
 
 

@@ -5,7 +5,11 @@ LIME perturbations, curve steps) describes *one batch* as ``step(start, stop)`` 
 range of ``n`` items and hands it to ``map_batches``. The engine
 
 * picks the batch size for throughput (not the largest that fits: on a 2-core CPU a mid-sized
-  batch of 8-16 224x224 images is fastest per image, larger ones get slower),
+  batch of 8-16 224x224 images is fastest per image, larger ones get slower) by *measuring* it:
+  the first batches of a job for a new (model, item shape, gradient or not, device, threads) run at
+  sizes 4, 8, 16, ... (real work, nothing thrown away), the fastest per item is kept for the process
+  (and on disk with ``HEATLENS_BATCH_CACHE=path.json``), keyed by a fingerprint of the model's
+  architecture, so the cache holds no model,
 * recovers from out-of-memory errors by halving the batch and retrying the same items,
 * runs under ``torch.inference_mode()`` unless gradients are needed,
 * shows a progress bar on long runs (``set_progress(False)`` or ``HEATLENS_PROGRESS=0`` turns it off),
@@ -19,10 +23,15 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
+import json
 import math
 import os
 import sys
+import time
+import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch
@@ -39,7 +48,9 @@ _GPU_GRAD_BATCH, _GPU_INFER_BATCH = 64, 128
 _MAX_BATCH = 1024
 
 _progress_enabled = os.environ.get("HEATLENS_PROGRESS", "1") not in ("0", "false", "False", "")
-_tuned: dict[tuple, int] = {}
+# sizes pinned by set_batch_size, per model (weak: a pin does not keep the model alive)
+_tuned: "weakref.WeakKeyDictionary[Any, dict[tuple, int]]" = weakref.WeakKeyDictionary()
+_tuned_global: dict[tuple, int] = {}  # pins for model=None
 _stats = {"batches": 0, "items": 0}
 _forward_only_listeners: list[Callable[[], None]] = []
 
@@ -99,8 +110,12 @@ def progress_enabled() -> bool:
 
 
 def set_batch_size(model: nn.Module | None, item_shape: Sequence[int], grad: bool, batch_size: int) -> None:
-    """Pin the batch size the engine uses for ``model`` and items of ``item_shape`` (e.g. after tuning)."""
-    _tuned[_key(model, item_shape, grad)] = int(batch_size)
+    """Pin the batch size the engine uses for ``model`` and items of ``item_shape`` (no measurement then)."""
+    key = (tuple(int(s) for s in item_shape), bool(grad))
+    if model is None:
+        _tuned_global[key] = int(batch_size)
+    else:
+        _tuned.setdefault(model, {})[key] = int(batch_size)
 
 
 def default_batch_size(
@@ -112,13 +127,21 @@ def default_batch_size(
 ) -> int:
     """The batch size used when a caller passes ``batch_size=None``.
 
-    A size pinned by ``set_batch_size`` (benchmarks tune and cache one per model and input size)
-    wins; otherwise the measured CPU optimum for 224x224 scaled by the item's element count.
+    A size pinned by ``set_batch_size`` wins; then the size measured for this model's architecture,
+    item shape, gradient mode, device and thread count (``measured_batch_sizes``); otherwise the CPU
+    optimum measured for 224x224 on the reference machine, scaled by the item's element count.
     """
-    tuned = _tuned.get(_key(model, item_shape, grad))
-    if tuned is not None:
-        return tuned
+    pinned = _pinned(model, item_shape, grad)
+    if pinned is not None:
+        return pinned
     device = torch.device(device) if device is not None else _model_device(model)
+    m = _measurements.get(_measure_key(model, item_shape, grad, device)) if model is not None else None
+    if m is not None and m.best is not None:
+        return m.best
+    return _formula(item_shape, grad, device)
+
+
+def _formula(item_shape: Sequence[int], grad: bool, device: torch.device) -> int:
     if device.type == "cuda":
         base = _GPU_GRAD_BATCH if grad else _GPU_INFER_BATCH
     else:
@@ -126,6 +149,180 @@ def default_batch_size(
     elements = max(1, math.prod(int(s) for s in item_shape))  # no tensor: this runs on every call
     scaled = base * max(1.0, _CPU_REFERENCE_ELEMENTS / elements) ** 0.75
     return int(max(1, min(_MAX_BATCH, scaled)))
+
+
+def _pinned(model: Any, item_shape: Sequence[int], grad: bool) -> int | None:
+    key = (tuple(int(s) for s in item_shape), bool(grad))
+    if model is None:
+        return _tuned_global.get(key)
+    try:
+        return _tuned.get(model, {}).get(key)
+    except TypeError:  # not weak-referenceable
+        return None
+
+
+# --- measured batch sizes ---------------------------------------------------------------------------
+_measure_enabled = os.environ.get("HEATLENS_MEASURE_BATCH", "1") not in ("0", "false", "False")
+_SLOWER = 1.15  # a size this much slower per item than the best ends the search (per-item time is U-shaped)
+
+
+@dataclass
+class Measurement:
+    """Seconds per item at each batch size tried for one key; ``best`` once any is measured.
+
+    candidates: the sizes tried, ascending (4, 8, ..., 64 for a 224x224 image; up to 8x the
+    scaled formula for small items). done: no more sizes to try (the next was slower, or all tried).
+    """
+
+    candidates: tuple[int, ...]
+    per_item: dict[int, float] = field(default_factory=dict)
+    warmed: bool = False
+    done: bool = False
+
+    @property
+    def best(self) -> int | None:
+        return min(self.per_item, key=self.per_item.__getitem__) if self.per_item else None
+
+    def next_size(self, remaining: int) -> int | None:
+        """The size to try next when ``remaining`` items are left, or None (use ``best``)."""
+        if self.done:
+            return None
+        if not self.warmed:  # first batch of this key: kernels, allocator, caches; not timed
+            return self.candidates[0] if self.candidates[0] <= remaining else None
+        todo = [c for c in self.candidates if c not in self.per_item]
+        if not todo:
+            self.done = True
+            return None
+        return todo[0] if todo[0] <= remaining else None
+
+    def record(self, size: int, seconds: float) -> None:
+        if not self.warmed:
+            self.warmed = True
+            return
+        self.per_item[size] = seconds / size
+        best = self.per_item[self.best]
+        if self.per_item[size] > _SLOWER * best or size == self.candidates[-1]:
+            self.done = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"candidates": list(self.candidates), "per_item": {str(k): v for k, v in self.per_item.items()},
+                "done": self.done}
+
+
+_measurements: dict[tuple, Measurement] = {}  # key: architecture fingerprint, no model reference
+_fingerprints: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+_disk_loaded: str | None = None
+
+
+def measure_batch_sizes(enabled: bool) -> None:
+    """Turn batch-size measurement on (default) or off (then the scaled formula is used);
+    ``HEATLENS_MEASURE_BATCH=0`` turns it off at import."""
+    global _measure_enabled
+    _measure_enabled = bool(enabled)
+
+
+def measured_batch_sizes() -> dict[str, dict[str, Any]]:
+    """What the engine measured in this process: key text -> candidates, seconds per item, done."""
+    return {"|".join(map(str, k)): m.to_dict() for k, m in _measurements.items()}
+
+
+def clear_measurements() -> None:
+    """Forget every measured batch size (benchmarks time the first call, probe included)."""
+    _measurements.clear()
+
+
+def model_fingerprint(model: Any) -> str:
+    """A short hash of what decides a model's speed: module types, parameter and buffer shapes and
+    dtypes (not their values: a randomised copy runs as fast). Cached per model, weakly."""
+    try:
+        cached = _fingerprints.get(model)
+    except TypeError:
+        cached = None
+    if cached is not None:
+        return cached
+    net = getattr(model, "net", None) if hasattr(model, "input_size") else model
+    h = hashlib.sha1()
+    if isinstance(net, nn.Module):
+        for name, m in net.named_modules():
+            h.update(f"{name}:{type(m).__name__};".encode())
+        for name, t in [*net.named_parameters(), *net.named_buffers()]:
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+    else:  # a black-box predict function
+        fn = getattr(model, "predict_fn", model)
+        h.update(f"fn:{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}".encode())
+    text = h.hexdigest()[:16]
+    try:
+        _fingerprints[model] = text
+    except TypeError:
+        pass
+    return text
+
+
+def _measure_key(model: Any, item_shape: Sequence[int], grad: bool, device: torch.device) -> tuple:
+    return (model_fingerprint(model), tuple(int(s) for s in item_shape), bool(grad), device.type,
+            torch.get_num_threads())
+
+
+def _candidates(item_shape: Sequence[int], grad: bool, device: torch.device) -> tuple[int, ...]:
+    """4, 8, ... up to 64, or up to 8x the scaled formula for small items (a 3x28x56 digit: 1024)."""
+    top = min(_MAX_BATCH, max(64, 8 * _formula(item_shape, grad, device)))
+    sizes, size = [], 4
+    while size <= top:
+        sizes.append(size)
+        size *= 2
+    return tuple(sizes)
+
+
+def _measurement_for(model: Any, item_shape: Sequence[int], grad: bool) -> tuple[tuple, Measurement] | None:
+    if not _measure_enabled or model is None or _pinned(model, item_shape, grad) is not None:
+        return None
+    _load_disk()
+    device = _model_device(model)
+    key = _measure_key(model, item_shape, grad, device)
+    m = _measurements.get(key)
+    if m is None:
+        m = _measurements[key] = Measurement(_candidates(item_shape, grad, device))
+    return key, m
+
+
+def _disk_path() -> str | None:
+    return os.environ.get("HEATLENS_BATCH_CACHE") or None
+
+
+def _load_disk() -> None:
+    """Read measurements saved by earlier processes (``HEATLENS_BATCH_CACHE``), once per path."""
+    global _disk_loaded
+    path = _disk_path()
+    if path is None or path == _disk_loaded:
+        return
+    _disk_loaded = path
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return
+    for text, d in saved.items():
+        fp, shape, grad, dev, threads = text.split("|")
+        key = (fp, tuple(int(v) for v in shape.strip("()").split(",") if v.strip()), grad == "True", dev, int(threads))
+        _measurements.setdefault(key, Measurement(tuple(d["candidates"]), {int(k): v for k, v in d["per_item"].items()},
+                                                  warmed=True, done=bool(d["done"])))
+
+
+def _save_disk() -> None:
+    path = _disk_path()
+    if path is None:
+        return
+    done = {k: v for k, v in measured_batch_sizes().items() if v["done"]}
+    try:
+        with open(path, "w") as f:
+            json.dump(done, f, indent=1)
+    except OSError:  # a read-only cache is not an error: the process still has its measurements
+        pass
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def map_batches(
@@ -158,19 +355,37 @@ def map_batches(
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
     size = min(size, n)
+    measuring = _measurement_for(model, item_shape, grad) if batch_size is None else None
+    device = _model_device(model)
     results: list[Any] = []
     bar = _progress_bar(n, size, desc)
     start = 0
     try:
         while start < n:
-            stop = min(n, start + size)
+            probe = measuring[1].next_size(n - start) if measuring is not None else None
+            if measuring is not None and probe is None:  # measured (or too few items left to try a size)
+                size = min(n, measuring[1].best or size)
+            this = probe or size
+            stop = min(n, start + this)
             try:
+                if probe is not None:
+                    _sync(device)
+                    began = time.perf_counter()
                 with (torch.enable_grad() if grad else torch.inference_mode()):
                     out = step(start, stop)
+                if probe is not None:
+                    _sync(device)
+                    measuring[1].record(probe, time.perf_counter() - began)
+                    if measuring[1].done:
+                        _save_disk()
             except Exception as err:  # noqa: BLE001 - only OOM is handled, the rest re-raised
-                if not _is_oom(err) or size == 1:
+                if not _is_oom(err) or this == 1:
                     raise
-                size = max(1, size // 2)  # halve and retry the same items
+                if probe is not None:  # this size and larger do not fit: the search ends below it
+                    m = measuring[1]
+                    m.candidates = tuple(c for c in m.candidates if c < probe) or (1,)
+                    m.done = m.done or bool(m.per_item) and max(m.candidates) <= max(m.per_item)
+                size = max(1, this // 2)  # halve and retry the same items
                 _empty_cache()
                 continue
             _stats["batches"] += 1
@@ -202,10 +417,6 @@ def _concat(results: list[Any]) -> Any:
     if isinstance(first, (tuple, list)):
         return type(first)(torch.cat([r[i] for r in results], 0) for i in range(len(first)))
     raise TypeError(f"step must return a Tensor, a tuple of Tensors or None, got {type(first).__name__}")
-
-
-def _key(model: nn.Module | None, item_shape: Sequence[int], grad: bool) -> tuple:
-    return (id(model) if model is not None else None, tuple(int(s) for s in item_shape), bool(grad))
 
 
 def _model_device(model: nn.Module | None) -> torch.device:

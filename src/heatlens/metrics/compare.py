@@ -17,6 +17,7 @@ from torch import Tensor
 from ..explanation import Explanation, MetricResult
 from ..methods._autograd import make_generator, prepare
 from ..methods.gradient import explanation as package
+from ..methods.multi import SHARED, one_pass
 from ..methods.registry import get_method, method_info
 from ..models.adapter import guarded
 from . import evaluate
@@ -27,7 +28,7 @@ def random_explanation(model: Any, x: Tensor, target: Any = "predicted", *, seed
     p = prepare(model, x, target)
     n, _, h, w = p.x.shape
     noise = torch.randn((n, 1, h, w), generator=make_generator(seed)).to(p.x.device, p.x.dtype)
-    return package(p, noise, "random", {"seed": seed})
+    return package(p, noise, "random", {"seed": seed}, map_kind="location")  # a signed score per pixel
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,9 @@ def compare(
     method_kwargs = method_kwargs or {}
     items = list(methods.items()) if isinstance(methods, Mapping) else [(None, m) for m in methods]
     explanations: dict[str, Explanation] = {}
+    # saliency, gradient x input and the gradient CAMs share one forward+backward (methods.multi)
+    group = [m for g, m in items if g is None and isinstance(m, str) and m in SHARED and not method_kwargs.get(m)]
+    shared = one_pass(model, x, group, target, batch_size=batch_size) if len(set(group)) >= 2 else {}
     for given_name, method in items:
         if isinstance(method, Explanation):
             name = given_name or method.method
@@ -128,6 +132,9 @@ def compare(
             continue
         info = method_info(method)
         name = given_name or (info.name if info is not None else getattr(method, "__name__", str(method)))
+        if given_name is None and name in shared:
+            explanations[name] = shared[name]
+            continue
         kwargs = dict(method_kwargs.get(name, {}))
         if info is not None and info.stochastic:
             kwargs.setdefault("seed", seed)

@@ -15,10 +15,11 @@ from torch import Tensor
 
 from ..baselines import BaselineLike, resolve_baseline
 from ..explanation import Explanation, MetricResult
+from ..models.adapter import guarded
 from ..methods._autograd import make_generator, scores_over
 from ..validation import check_choice, check_positive_int
 from . import canonical, describe, draw, item_noise, register_metric, result, sample_range
-from ._curves import auc, curve_settings, perturbation_curve, pixel_ranks, feature_labels
+from ._curves import auc, curve_settings, paired_curves, perturbation_curve, pixel_ranks, feature_labels
 
 
 def _curve_metric(name: str, model: Any, x: Tensor, explanation: Any, target: Any, reduce: str | None,
@@ -59,6 +60,24 @@ def deletion(
     return _curve_metric("deletion", model, x, explanation, target, reduce, mode="delete", order="morf",
                          granularity=granularity, steps=steps, features_per_step=features_per_step, fill=fill,
                          output=output, batch_size=batch_size, seed=seed)
+
+
+@guarded
+def insertion_deletion(
+    model: Any, x: Tensor, explanation: Explanation | Tensor, target: Any = None, *,
+    granularity: int | Tensor = 8, steps: int | None = 100, features_per_step: int | None = None,
+    fill: BaselineLike = "black", output: str = "probability", reduce: str | None = None,
+    batch_size: int | None = None, seed: int | None = 0,
+) -> dict[str, MetricResult]:
+    """``insertion`` and ``deletion`` at the same settings from one ranking and one engine run
+    (``_curves.paired_curves``: x and the filled image are scored once) -> {"insertion", "deletion"}.
+    ``heatlens.evaluate`` uses it when both are asked for with the same settings."""
+    s = canonical(model, x, explanation, target, reduce=reduce)
+    curve = dict(order="morf", granularity=granularity, steps=steps, features_per_step=features_per_step,
+                 fill=fill, output=output, batch_size=batch_size, seed=seed)
+    inserted, deleted, xs = paired_curves(s.model, s.x, s.maps, s.targets, **curve)
+    return {name: result(name, auc(c, xs), curves=c, xs=xs, params=curve_settings(mode=mode, **curve))
+            for name, mode, c in (("insertion", "insert", inserted), ("deletion", "delete", deleted))}
 
 
 @register_metric("pixel_flipping", category="faithfulness", higher_is_better=False)
@@ -118,8 +137,10 @@ def faithfulness_correlation(
     check_positive_int(subset_size, "subset_size")
     s = canonical(model, x, explanation, target, reduce=reduce)
     n, _, h, w = s.x.shape
-    if subset_size > h * w:
-        raise ValueError(f"subset_size must be at most the number of pixels {h * w}, got {subset_size}")
+    if subset_size >= h * w:
+        # a subset covering every pixel is the same in every run: the correlation is 0/0 (Quantus refuses it too)
+        raise ValueError(f"subset_size must be smaller than the number of pixels {h * w}, got {subset_size}: "
+                         "every run would hide the whole image and the correlation is undefined")
     gen = make_generator(seed)
     subsets = torch.stack([torch.multinomial(torch.ones(n_runs, h * w), subset_size, generator=gen) for _ in range(n)])
     subsets = subsets.to(s.x.device)
@@ -283,7 +304,8 @@ def completeness(
     (``"zeros"`` / ``"logit"`` otherwise). extras["gap"] (N,) is the signed difference.
     """
     s = canonical(model, x, explanation, target, reduce="sum")
-    if s.attributions.shape != s.x.shape:
+    one_per_location = s.attributions.shape[1] == 1 and s.attributions.shape[2:] == s.x.shape[2:]
+    if s.attributions.shape != s.x.shape and not one_per_location:  # (N,1,H,W) location maps sum as well
         raise ValueError(f"completeness needs attributions shaped like x {tuple(s.x.shape)}, "
                          f"got {tuple(s.attributions.shape)}")
     params = explanation.params if isinstance(explanation, Explanation) else {}

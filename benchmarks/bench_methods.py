@@ -359,7 +359,9 @@ def bench_case(case: Case, s: Setup, floor: dict[str, Any], repeats: int, sweep:
                    speedup_vs_captum_tuned=tuned.median / ours.median, captum_memory_mb=tuned.peak_delta_mb)
         if case.deterministic:
             ref = tuned.result.detach()
-            mine = explanation.attributions.detach().reshape(ref.shape)
+            mine = explanation.attributions.detach()
+            # per-location methods return (N,1,H,W); Captum repeats the score over channels
+            mine = mine.expand_as(ref) if mine.dim() == ref.dim() and mine.shape[1] == 1 else mine.reshape(ref.shape)
             out["max_rel_difference"] = float((mine - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
     return out
 

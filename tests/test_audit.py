@@ -142,11 +142,14 @@ def test_maps_are_area_downsampled_to_map_size():
 
 
 def test_images_from_many_files_share_each_model_call(digits_folder, tmp_path):
-    """Grad-CAM on a shard of 16 files: one recorded forward+backward over all 16, not 16 calls."""
+    """Grad-CAM on a shard of 16 files: one recorded forward+backward over all 16, not 16 calls.
+
+    batch_size is pinned: left to the engine, the first batches of a job measure sizes 4, 8, 16, ...
+    (tests/test_performance.py), which packs files too but in a load-dependent number of calls."""
     from heatlens import batching
 
     before = batching.call_stats()
-    hl.audit(SPEC, digits_folder, out=tmp_path / "a", methods=["gradcam"], shard_size=16)
+    hl.audit(SPEC, digits_folder, out=tmp_path / "a", methods=["gradcam"], shard_size=16, batch_size=16)
     after = batching.call_stats()
     # two shards (16 files, 15 readable; 4 files): one engine batch each, holding every readable image
     assert after["batches"] - before["batches"] == 2 and after["items"] - before["items"] == 19

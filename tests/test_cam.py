@@ -209,9 +209,16 @@ def test_guided_gradcam_equals_captum(cnn, x16):
     from captum.attr import GuidedGradCam
 
     targets = torch.tensor([1, 2, 3])
-    e = hl.methods.guided_gradcam(cnn, x16, targets, layer="relu1")
+    e = hl.methods.guided_gradcam(cnn, x16, targets, layer="relu1")  # 8x8 CAM upsampled to 16x16
     ref = GuidedGradCam(cnn, cnn.relu1).attribute(x16, target=targets, interpolate_mode="bilinear")
     assert torch.allclose(e.attributions, ref, atol=1e-6)
+    # Captum's default upsampling is nearest; heatlens follows the paper (bilinear) unless asked
+    nearest = hl.methods.guided_gradcam(cnn, x16, targets, layer="relu1", interpolation="nearest")
+    assert torch.allclose(nearest.attributions, GuidedGradCam(cnn, cnn.relu1).attribute(x16, target=targets), atol=1e-6)
+    assert not torch.allclose(nearest.attributions, e.attributions, atol=1e-3)
+    assert nearest.params["interpolation"] == "nearest" and e.params["interpolation"] == "bilinear"
+    with pytest.raises(ValueError, match="interpolation must be one of 'bilinear', 'nearest', got 'bicubic'"):
+        hl.methods.guided_gradcam(cnn, x16, targets, layer="relu1", interpolation="bicubic")
 
 
 # --- what a user sees -------------------------------------------------------------------------------

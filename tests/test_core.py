@@ -162,6 +162,36 @@ def test_target_errors_name_the_argument():
         resolve_target(logits, torch.tensor([0.5, 1.0]))
 
 
+def test_numpy_integers_are_integers(tiny_cnn, tiny_x):
+    """Indices read from arrays (np.int64) are accepted wherever an int is: targets, steps, n_samples."""
+    logits = torch.zeros(2, 3)
+    assert resolve_target(logits, np.int64(2)).tolist() == [2, 2]
+    assert resolve_target(logits, [np.int64(0), np.int32(1)]).tolist() == [0, 1]
+    assert resolve_target(logits, np.array([2, 0])).tolist() == [2, 0]
+    ref = hl.explain(tiny_cnn, tiny_x, "integrated_gradients", target=1, steps=8)
+    e = hl.explain(tiny_cnn, tiny_x, "integrated_gradients", target=np.int64(1), steps=np.int64(8))
+    assert torch.equal(e.attributions, ref.attributions)
+    s = hl.explain(tiny_cnn, tiny_x, "smoothgrad", n_samples=np.int64(3), noise=np.float32(0.1), seed=0)
+    assert torch.equal(s.attributions, hl.explain(tiny_cnn, tiny_x, "smoothgrad", n_samples=3,
+                                                  noise=float(np.float32(0.1)), seed=0).attributions)
+    with pytest.raises(TypeError, match="target must hold integer class indices, got a float64 array"):
+        resolve_target(logits, np.array([0.5, 1.0]))
+
+
+@pytest.mark.parametrize("noise", [float("nan"), float("inf"), -0.1])
+def test_smoothing_noise_that_is_not_a_finite_fraction_is_blamed_on_noise(tiny_cnn, tiny_x, noise):
+    with pytest.raises(ValueError, match=f"noise must be a non-negative fraction of the input range, got {noise!r}"):
+        hl.explain(tiny_cnn, tiny_x, "smoothgrad", n_samples=2, noise=noise)
+
+
+def test_wrap_refuses_fewer_labels_than_classes(tiny_cnn):
+    with pytest.raises(ValueError, match="labels has 3 names but the model has 5 outputs; pass one name per class"):
+        hl.wrap(tiny_cnn, input_size=(3, 16, 16), labels=["a", "b", "c"])
+    with pytest.raises(ValueError, match="labels has 1 names but the model has 5 outputs"):
+        hl.wrap(lambda a: np.ones((a.shape[0], 5)) / 5, input_size=(3, 16, 16), labels=["a"])
+    assert hl.wrap(tiny_cnn, input_size=(3, 16, 16), labels=list("abcde")).labels == tuple("abcde")
+
+
 # --- baselines ---------------------------------------------------------------------------------
 def test_blur_baseline_is_a_normalised_gaussian_and_keeps_constants():
     x = torch.full((1, 3, 20, 20), 0.7)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -65,9 +67,12 @@ def test_region_swap_flips_to_distractor_editing_only_inked_cells(pair):
     expected = _compose(query, distractor, masks, [row * 8 + col for row, col in r.edited_cells])
     assert torch.equal(r.counterfactual, expected)
     assert r.cell_mask.sum() == len(r.edited_cells)
-    # greedy stops at the first flip: without its last cell the prediction is not the distractor's
-    fewer = _compose(query, distractor, masks, [row * 8 + col for row, col in r.edited_cells[:-1]])
-    assert int(_predict(model, fewer)) != 8
+    # the edit is minimal: without any one of its cells the prediction is not the distractor's
+    cells = [row * 8 + col for row, col in r.edited_cells]
+    for drop in cells:
+        assert int(_predict(model, _compose(query, distractor, masks, [c for c in cells if c != drop]))) != 8
+    assert len(cells) <= r.extras["greedy_cells"]
+    assert r.extras["fraction_changed"][0] == pytest.approx(int(r.changed_pixels[0]) / (28 * 56))
 
 
 def test_region_swap_needs_no_gradients(pair):
@@ -211,3 +216,35 @@ def test_errors(pair, digits):
         optimize_counterfactual(model, query, 11)
     with pytest.raises(ValueError, match=r"^l1 must be a number in \[0\.0, 1\.0\], got 2$"):
         optimize_counterfactual(model, query, 8, l1=2)
+
+
+def test_region_swap_that_needs_the_whole_distractor_is_no_success():
+    """A model that says "distractor" only for the distractor itself: greedy swaps all 16 of 16 cells,
+    which is the distractor, not a counterfactual of the query."""
+    gen = torch.Generator().manual_seed(0)
+    query, distractor = torch.rand(1, 3, 8, 8, generator=gen), torch.rand(1, 3, 8, 8, generator=gen)
+
+    def predict(a):
+        far = np.abs(a - distractor.numpy()).reshape(a.shape[0], -1).max(1)
+        return np.stack([far, 1e-3 - far], 1)  # class 1 only where x == distractor
+
+    r = region_swap(hl.wrap(predict, input_size=(3, 8, 8), outputs="logits"), query, distractor, grid=(4, 4))
+    assert int(r.class_after[0]) == 1 and len(r.edited_cells) == 16
+    assert r.extras["whole_image"] and not bool(r.success[0])
+    assert float(r.extras["fraction_changed"][0]) == 1.0 and r.extras["cells_fraction"] == 1.0
+
+
+def test_region_swap_drops_cells_the_flip_does_not_need():
+    """Greedy first takes the best single cell A, which the flip turns out not to need: B and C
+    together flip the prediction (an interaction), A with either alone does not. Pruning puts A back."""
+    query, distractor = torch.zeros(1, 1, 8, 8), torch.ones(1, 1, 8, 8)
+
+    def predict(a):
+        a = torch.from_numpy(a)[:, 0]
+        cell_a, cell_b, cell_c = a[:, :2, :2].mean((1, 2)), a[:, 2:4, 2:4].mean((1, 2)), a[:, 4:6, 4:6].mean((1, 2))
+        other = 1.3 * cell_a + 1.2 * cell_b + 1.2 * cell_c + 0.7 * cell_b * cell_c  # class 1 above 3
+        return torch.stack([torch.full_like(other, 3.0), other], 1).numpy()
+
+    r = region_swap(hl.wrap(predict, input_size=(1, 8, 8), outputs="logits"), query, distractor, grid=(4, 4))
+    assert r.extras["greedy_cells"] == 3 and r.edited_cells == [(1, 1), (2, 2)] and bool(r.success[0])
+    assert float(r.extras["fraction_changed"][0]) == 8 / 64

@@ -205,3 +205,38 @@ def test_sampling_methods_are_reproducible_under_a_seed(tiny_cnn, tiny_x):
         c = hl.explain(tiny_cnn, tiny_x, name, seed=12, **kw).attributions
         assert torch.equal(a, b), name
         assert not torch.equal(a, c), name
+
+
+@pytest.mark.parametrize("name", ["expected_gradients", "gradient_shap"])
+@pytest.mark.parametrize("background", ["mean", "blur", "callable"])
+def test_image_dependent_backgrounds_give_each_image_its_own_reference(linear_model, name, background):
+    """On a linear model the estimator is exact: (x_i - r_i) * w. With an image-dependent background
+    r_i must be image i's own ("mean" of image 2 is not the mean of image 1)."""
+    from heatlens.baselines import gaussian_blur
+
+    x = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(6)) + torch.arange(3.0).view(3, 1, 1, 1)
+    refs = {"mean": x.mean((2, 3), keepdim=True).expand_as(x), "blur": gaussian_blur(x, 5.0),
+            "callable": 0.5 * x}
+    arg = (lambda t: 0.5 * t) if background == "callable" else background
+    e = hl.explain(linear_model, x, name, target=1, background=arg, n_samples=4, seed=0)
+    expected = (x - refs[background]) * linear_model[1].weight[1].detach().reshape(1, 3, 4, 4)
+    assert rel_err(e.attributions, expected) < 1e-5
+
+
+@pytest.mark.parametrize("background", ["uniform", "gaussian"])
+def test_seed_drives_random_backgrounds_not_the_global_rng(linear_model, background):
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(0)
+    a = hl.explain(linear_model, x, "expected_gradients", background=background, n_samples=3, seed=5)
+    torch.manual_seed(1)  # the global RNG must not matter
+    b = hl.explain(linear_model, x, "expected_gradients", background=background, n_samples=3, seed=5)
+    c = hl.explain(linear_model, x, "expected_gradients", background=background, n_samples=3, seed=6)
+    assert torch.equal(a.attributions, b.attributions)
+    assert not torch.allclose(a.attributions, c.attributions)
+
+
+@pytest.mark.parametrize("noise", [-0.1, float("nan"), float("inf")])
+def test_gradient_shap_refuses_a_negative_or_non_finite_noise(linear_model, noise):
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=f"noise must be a finite number >= 0, got {noise!r}"):
+        hl.explain(linear_model, x, "gradient_shap", noise=noise)

@@ -364,9 +364,81 @@ def test_errors_name_the_argument(tiny_cnn, tiny_x):
         perturbation_curve(hl.wrap(tiny_cnn, input_size=(3, 16, 16)), tiny_x, e.maps(), e.targets, mode="remove")
     with pytest.raises(ValueError, match=r"granularity must be an integer >= 1, got 0"):
         deletion(tiny_cnn, tiny_x, e, granularity=0)
-    with pytest.raises(ValueError, match=r"subset_size must be at most the number of pixels 256, got 300"):
-        hl.metrics.faithfulness_correlation(tiny_cnn, tiny_x, e, subset_size=300)
+    for size in (300, 256):  # a subset of every pixel is the same in every run: 0/0, not NaN
+        with pytest.raises(ValueError, match=rf"subset_size must be smaller than the number of pixels 256, got {size}"):
+            hl.metrics.faithfulness_correlation(tiny_cnn, tiny_x, e, subset_size=size)
     with pytest.raises(ValueError, match=r"method is required when explanation is a tensor"):
         hl.metrics.max_sensitivity(tiny_cnn, tiny_x, e.attributions)
     with pytest.raises(ValueError, match=r"unknown fill 'blurr'\. Did you mean: 'blur'"):
         deletion(tiny_cnn, tiny_x, e, fill="blurr", granularity=4)
+
+
+# --- one map policy -------------------------------------------------------------------------------------
+LOCATION_METHODS = {"occlusion": {"window": 4}, "feature_ablation": {"superpixel_size": 4},
+                    "lime": {"num_samples": 40, "seed": 0}, "kernel_shap": {"n_samples": 40, "seed": 0},
+                    "rise": {"n_masks": 20, "seed": 0}, "gradcam": {}}
+
+
+def test_every_method_records_its_map_kind_in_the_registry_and_the_explanation(tiny_cnn, tiny_x):
+    from heatlens.methods import METHODS
+
+    kinds = {e.name: e.meta["map_kind"] for e in METHODS.entries()}
+    assert set(kinds.values()) == {"location", "gradient"}
+    assert {n for n, k in kinds.items() if k == "location"} >= set(LOCATION_METHODS) | {"scorecam", "eigencam"}
+    assert kinds["guided_gradcam"] == kinds["saliency"] == kinds["deeplift"] == kinds["smoothgrad"] == "gradient"
+    for name, kw in LOCATION_METHODS.items():
+        e = hl.explain(tiny_cnn, tiny_x[:2], name, target=1, **kw)
+        assert e.attributions.shape[1] == 1, name  # one score per location, not repeated per channel
+        assert e.kind == "location"
+        # signed: maps() is the score itself (upsampled for CAMs), never its absolute value
+        up = torch.nn.functional.interpolate(e.attributions.float(), size=(16, 16), mode="bilinear",
+                                             align_corners=False)[:, 0]
+        assert torch.equal(e.maps(), up if name == "gradcam" else e.attributions[:, 0])
+    assert hl.explain(tiny_cnn, tiny_x[:2], "saliency").kind == "gradient"
+    assert hl.methods.smooth(hl.methods.occlusion, n_samples=2)(tiny_cnn, tiny_x[:1], window=4, seed=0).kind == "location"
+
+
+def test_lime_maps_and_metrics_keep_the_sign(tiny_cnn, tiny_x):
+    e = hl.explain(tiny_cnn, tiny_x[:2], "lime", target=1, num_samples=60, seed=0)
+    assert bool((e.maps() < 0).any()) and torch.equal(e.maps(), e.attributions[:, 0])
+    signed = deletion(tiny_cnn, tiny_x[:2], e.attributions[:, 0], target=1, steps=8, fill="zeros")
+    assert torch.equal(deletion(tiny_cnn, tiny_x[:2], e, steps=8, fill="zeros").values, signed.values)
+
+
+def test_one_channel_gradients_are_ranked_by_magnitude_like_any_gradient():
+    """Saliency on a grayscale model: maps(), every metric and the sanity checks use |gradient|
+    (sum_abs over the one channel), as for RGB and as Quantus does, not the signed gradient."""
+    from conftest import make_tiny_cnn
+
+    grey = make_tiny_cnn(channels=1)
+    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    e = hl.explain(grey, x, "saliency", target=2)
+    magnitude = e.attributions[:, 0].abs()
+    assert bool((e.attributions < 0).any())
+    assert torch.equal(e.maps(), magnitude)
+    for name in ("deletion", "insertion"):
+        got = hl.evaluate(grey, x, e, [name], steps=8, fill="zeros")[name].values
+        want = hl.evaluate(grey, x, magnitude, [name], target=2, steps=8, fill="zeros")[name].values
+        assert torch.equal(got, want), name
+    # a raw (N,C,H,W) tensor is gradient-like too (C = 1 included); a raw (N,H,W) map is taken as is
+    assert torch.equal(hl.metrics.as_maps(e.attributions, (16, 16)), magnitude)
+    assert torch.equal(hl.metrics.as_maps(e.attributions[:, 0], (16, 16)), e.attributions[:, 0])
+    r = hl.sanity.model_randomization(grey, x, "saliency", target=2, layers=["fc"], similarity="spearman")
+    assert torch.equal(r.extras["maps"][0], magnitude)
+
+
+def test_nan_explanations_and_nan_model_outputs_are_named(tiny_cnn, tiny_x):
+    e = hl.explain(tiny_cnn, tiny_x[:2], "saliency")
+    bad = e.attributions.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="explanation contains 1 NaN or infinite values"):
+        deletion(tiny_cnn, tiny_x[:2], bad, steps=4)
+
+    class Broken(nn.Module):
+        def forward(self, z):
+            return tiny_cnn(z) * float("nan")
+
+    with pytest.raises(ValueError, match="model outputs at x contain 10 NaN or infinite values"):
+        hl.explain(Broken(), tiny_x[:2], "saliency")
+    with pytest.raises(ValueError, match="model outputs at x contain 10 NaN or infinite values"):
+        deletion(Broken(), tiny_x[:2], e, steps=4)

@@ -90,8 +90,9 @@ def test_max_sensitivity_agrees_with_quantus_on_the_same_noise(gray_cnn, gray_x)
 def test_faithfulness_correlation_agrees_with_quantus_on_the_same_subsets(gray_cnn, gray_x, monkeypatch):
     e = hl.explain(gray_cnn, gray_x, "input_x_gradient")
     black = lambda x: x.flatten(1).amin(1).view(-1, 1, 1, 1).expand_as(x)  # noqa: E731 - Quantus "black"
+    # Quantus abs=False: the signed attributions (heatlens' rule would rank the 1-channel gradient by |a|)
     ours = hl.metrics.faithfulness_correlation(gray_cnn, gray_x, e, n_runs=10, subset_size=30, fill=black,
-                                               output="logit", seed=5)
+                                               output="logit", seed=5, reduce="sum")
     subsets = ours.extras["subsets"]  # (N, runs, subset)
     calls = iter([(i, r) for r in range(10) for i in range(3)])  # Quantus draws run-major, image-minor
 

@@ -14,7 +14,7 @@ from torch import nn
 import heatlens as hl
 from heatlens.methods import METHODS
 from heatlens.models.hooks import hook_count
-from heatlens.models.preprocessing import Preprocessing, load_image
+from heatlens.models.preprocessing import Preprocessing, load_image, to_unit_batch
 from heatlens.models.zoo import available_models, imagenet_labels, load_model
 from heatlens.targets import resolve_target
 
@@ -126,6 +126,28 @@ def test_preprocess_deprocess_round_trip_equals_pil_resize_and_centre_crop(photo
         out = prep.inverse(prep(img))[0]
         assert out.shape == expected.shape
         np.testing.assert_allclose(out, expected, atol=1.5 / 255)  # PIL rounds to uint8
+
+
+def test_a_list_of_different_sizes_is_preprocessed_image_by_image(photos):
+    """Each image is resized on its own shorter side and centre-cropped (not stretched to the first
+    image's size): a mixed batch equals the images preprocessed one by one, and each crop is the
+    PIL resize-and-crop of that image."""
+    from PIL import Image
+
+    chelsea = photos[0]                                        # 300 x 451
+    tall, wide = chelsea[:, 100:250], chelsea[100:200]         # 300 x 150 and 100 x 451
+    prep = Preprocessing(size=(224, 224), resize=224, mean=(0.5,) * 3, std=(0.5,) * 3)
+    batch = prep([chelsea, tall, wide])
+    one_by_one = torch.cat([prep(chelsea), prep(tall), prep(wide)])
+    assert torch.equal(batch, one_by_one)
+    for img, out in zip((chelsea, tall, wide), prep.inverse(batch)):
+        h, w = img.shape[:2]
+        nh, nw = round(h * 224 / min(h, w)), round(w * 224 / min(h, w))
+        resized = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BILINEAR), dtype=np.float32) / 255
+        top, left = (nh - 224) // 2, (nw - 224) // 2
+        np.testing.assert_allclose(out, resized[top:top + 224, left:left + 224], atol=1.5 / 255)
+    with pytest.raises(ValueError, match=re.escape("images have different sizes [(100, 451), (300, 451)]")):
+        to_unit_batch([chelsea, wide])
 
 
 def test_round_trip_is_exact_without_resizing():

@@ -65,8 +65,8 @@ def test_occlusion_equals_captum_on_tiny_cnn(tiny_cnn, tiny_x, window, stride, b
         base = 0.0 if baseline == "zeros" else float(baseline)
     forward = tiny_cnn if output == "logit" else Softmaxed(tiny_cnn)
     ref = captum_occlusion(forward, tiny_x, e.targets, win, step, base)
-    assert e.attributions.shape == tiny_x.shape
-    torch.testing.assert_close(e.attributions, ref, atol=1e-5, rtol=0)
+    assert e.attributions.shape == (tiny_x.shape[0], 1, *tiny_x.shape[2:])  # one score per location
+    torch.testing.assert_close(e.attributions.expand_as(ref), ref, atol=1e-5, rtol=0)  # Captum repeats it per channel
     assert e.params["window"] == win and e.params["stride"] == step
 
 
@@ -77,7 +77,7 @@ def test_occlusion_equals_captum_on_efficientnet(effnet, chelsea_x):
     black = float(effnet.pixel_baseline(0.0).flatten()[0])  # (0 - 0.5) / 0.5 = -1
     ref = captum_occlusion(effnet, chelsea_x, e.targets, (112, 112), (112, 56), black)
     assert int(e.targets) == 285  # Egyptian Mau
-    torch.testing.assert_close(e.attributions, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(e.attributions.expand_as(ref), ref, atol=1e-5, rtol=0)
     assert e.extras["windows"].shape == (1, 2, 3)
 
 
@@ -105,8 +105,7 @@ def test_superpixel_occlusion_equals_the_homework_reimplementation(tiny_cnn):
     e = occlusion(model, x, superpixel_size=8, baseline="black")  # default output: probability drop
     black_image = torch.full_like(x, -1.0)  # model_transforms(np.zeros(...)): (0 - 0.5) / 0.5
     ref = homework_occlusion(x, tiny_cnn, e.targets, black_image, superpixel_size=8)
-    for channel in range(3):  # the same value in every channel
-        torch.testing.assert_close(e.attributions[:, channel], ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(e.attributions[:, 0], ref, atol=1e-6, rtol=0)  # one score per location
     torch.testing.assert_close(e.extras["windows"], ref[:, ::8, ::8], atol=1e-6, rtol=0)
     assert e.params["window"] == e.params["stride"] == (8, 8)
 
@@ -139,7 +138,7 @@ def test_feature_ablation_equals_captum(tiny_cnn, tiny_x, output):
     with torch.no_grad():
         ref = captum_attr.FeatureAblation(forward).attribute(
             tiny_x, target=e.targets, baselines=base, feature_mask=segments[:, None])
-    torch.testing.assert_close(e.attributions, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(e.attributions.expand_as(ref), ref, atol=1e-5, rtol=0)
     # extras: labels renumbered 0..S_i-1 per image, and each pixel's value is its segment's drop
     labels, drops = e.extras["segments"], e.extras["drops"]
     for i in range(4):

@@ -37,6 +37,8 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from .validation import is_integer
+
 BatchResult = Union[Tensor, Sequence[Tensor], None]
 
 # Items per batch for a 3x224x224 input on CPU (DESIGN.md: forward+backward best at 8; forward-only
@@ -352,9 +354,9 @@ def map_batches(
         for listener in _forward_only_listeners:
             listener()
     size = batch_size if batch_size is not None else default_batch_size(model, item_shape, grad=grad)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    if not is_integer(size) or size < 1:
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-    size = min(size, n)
+    size = min(int(size), n)
     measuring = _measurement_for(model, item_shape, grad) if batch_size is None else None
     device = _model_device(model)
     results: list[Any] = []

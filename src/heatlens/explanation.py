@@ -18,6 +18,12 @@ from torch import Tensor
 from .validation import check_choice
 
 Reduce = Literal["sum_abs", "abs_sum", "sum", "mean", "mean_abs", "max_abs", "l2", "none"]
+MAP_KINDS = ("location", "gradient")
+# How attributions of each kind become a map when no reduce is given (one rule for maps(), metrics and
+# sanity checks): a per-location score (CAM, occlusion, LIME, ...) is already the map and keeps its sign;
+# gradient-like attributions (one value per input channel, even when there is one channel) are ranked by
+# magnitude, summed over channels (CSEP 590B homework; Quantus's default abs + sum over channels).
+DEFAULT_REDUCE = {"location": "mean", "gradient": "sum_abs"}
 REDUCTIONS = ("sum_abs", "abs_sum", "sum", "mean", "mean_abs", "max_abs", "l2")
 NORMALIZATIONS = ("minmax", "absmax", "percentile", "standardize")
 
@@ -72,11 +78,32 @@ def normalize_maps(maps: Tensor, mode: str = "absmax", *, percentile: float = 99
     return out.to(maps.dtype).reshape(maps.shape)
 
 
+def attribution_maps(attributions: Tensor, kind: str | None, reduce: str | None = None,
+                     size: tuple[int, int] | None = None) -> Tensor:
+    """(N,C,h,w) attributions -> (N,H,W) maps at ``size``: with ``reduce`` None, by the rule of their
+    ``kind`` (``DEFAULT_REDUCE``), else by ``reduce``. The only place attributions become maps."""
+    a = attributions
+    if reduce is None:
+        reduce = DEFAULT_REDUCE[check_choice(kind, "map_kind", MAP_KINDS)]
+    if reduce == "none":
+        if a.shape[1] != 1:
+            raise ValueError(f"reduce='none' needs single-channel attributions, got {a.shape[1]} channels")
+        m = a[:, 0]
+    else:
+        m = reduce_channels(a, reduce)
+    target = size or tuple(m.shape[-2:])
+    if tuple(m.shape[-2:]) != tuple(target):
+        m = F.interpolate(m[:, None].float(), size=tuple(target), mode="bilinear", align_corners=False)[:, 0]
+    return m
+
+
 @dataclass(frozen=True)
 class Explanation:
     """Attributions for N images, with what they explain.
 
-    attributions: (N,C,H,W) in model input space, or (N,1,h,w) for CAMs (coarse, upsampled by ``maps``).
+    attributions: (N,C,H,W) in model input space, (N,1,H,W) for per-location methods (occlusion, LIME,
+    ...), or (N,1,h,w) for CAMs (coarse, upsampled by ``maps``). map_kind: "location" | "gradient",
+    recorded from the method's registry entry; it decides how ``maps()`` reduces (see ``kind``).
     targets: LongTensor (N,) explained class per image. outputs: logits (N,K) at the clean input.
     method: registry name (``smooth(saliency)`` for wrapped ones). params: the hyperparameters used.
     extras: diagnostics (IG ``completeness_gap`` (N,), LIME ``r2`` ...). input_size: (H, W) of x.
@@ -91,6 +118,22 @@ class Explanation:
     input_size: tuple[int, int] | None = None
     labels: tuple[str, ...] | None = field(default=None, repr=False)
     inputs: Tensor | None = field(default=None, repr=False)
+    map_kind: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.map_kind is not None:
+            check_choice(self.map_kind, "map_kind", MAP_KINDS)
+
+    @property
+    def kind(self) -> str:
+        """"location" (one signed score per location: CAMs, occlusion, LIME, KernelSHAP, RISE) or
+        "gradient" (per-channel attributions: gradients, paths, propagation). Recorded by the method's
+        registry entry (``map_kind``); an Explanation built by hand without it counts as "gradient"."""
+        if self.map_kind is not None:
+            return self.map_kind
+        from .methods.registry import METHODS
+
+        return METHODS.get(self.method).meta.get("map_kind", "gradient") if self.method in METHODS else "gradient"
 
     def __len__(self) -> int:
         return int(self.attributions.shape[0])
@@ -105,25 +148,18 @@ class Explanation:
             return [str(int(t)) for t in self.targets]
         return [self.labels[int(t)] for t in self.targets]
 
-    def maps(self, reduce: Reduce = "sum_abs", *, size: tuple[int, int] | None = None) -> Tensor:
+    def maps(self, reduce: Reduce | None = None, *, size: tuple[int, int] | None = None) -> Tensor:
         """(N,H,W) maps at input resolution (or ``size``).
 
-        Pixel-space attributions are reduced over channels with ``reduce`` (see ``reduce_channels``;
-        ``"none"`` keeps them signed when C == 1). Coarse CAM maps (N,1,h,w) are upsampled bilinearly.
+        reduce None (default): the one map rule, by ``kind``: per-location attributions stay signed,
+        gradient-like ones become ``"sum_abs"`` over channels (also with one channel). Any other
+        ``reduce`` is applied as given (see ``reduce_channels``; ``"none"`` keeps single-channel
+        attributions signed). Coarse CAM maps (N,1,h,w) are upsampled bilinearly.
         """
-        a = self.attributions.detach()
-        if a.shape[1] == 1 and reduce in ("sum", "mean", "none", "sum_abs", "abs_sum", "mean_abs", "max_abs", "l2"):
-            m = a[:, 0] if reduce in ("sum", "mean", "none") else reduce_channels(a, reduce)
-        elif reduce == "none":
-            raise ValueError(f"reduce='none' needs single-channel attributions, got {a.shape[1]} channels")
-        else:
-            m = reduce_channels(a, reduce)
-        target = size or self.input_size or tuple(m.shape[-2:])
-        if tuple(m.shape[-2:]) != tuple(target):
-            m = F.interpolate(m[:, None].float(), size=target, mode="bilinear", align_corners=False)[:, 0]
-        return m
+        return attribution_maps(self.attributions.detach(), self.kind if reduce is None else None,
+                                reduce, size or self.input_size)
 
-    def normalize(self, mode: str = "absmax", *, reduce: Reduce = "sum_abs", percentile: float = 99.0) -> Tensor:
+    def normalize(self, mode: str = "absmax", *, reduce: Reduce | None = None, percentile: float = 99.0) -> Tensor:
         """Per-image normalised maps (N,H,W); see ``normalize_maps`` for the modes."""
         return normalize_maps(self.maps(reduce), mode, percentile=percentile)
 

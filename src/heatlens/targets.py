@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .validation import did_you_mean
+from .validation import did_you_mean, is_integer
 
 TargetLike = Union[str, int, Sequence[int], Sequence[str], Tensor, None]
 
@@ -32,8 +33,14 @@ def resolve_target(
         return torch.full((n,), _class_index(target, labels, name), dtype=torch.long, device=logits.device)
     if isinstance(target, bool):
         raise TypeError(f"{name} must be 'predicted', an int, a class name or a per-image sequence, got a bool")
-    if isinstance(target, int):
-        idx = torch.full((n,), target, dtype=torch.long, device=logits.device)
+    if is_integer(target):  # Python or NumPy integer (np.int64 from an array)
+        idx = torch.full((n,), int(target), dtype=torch.long, device=logits.device)
+    elif isinstance(target, np.ndarray):
+        if not np.issubdtype(target.dtype, np.integer):
+            raise TypeError(f"{name} must hold integer class indices, got a {target.dtype} array")
+        idx = torch.as_tensor(target.reshape(-1), dtype=torch.long, device=logits.device)
+        if idx.numel() == 1:
+            idx = idx.expand(n).clone()
     elif isinstance(target, Tensor):
         if target.is_floating_point():
             raise TypeError(f"{name} must hold integer class indices, got a {target.dtype} tensor")
@@ -42,9 +49,9 @@ def resolve_target(
             idx = idx.expand(n).clone()
     elif isinstance(target, Sequence):
         items = [_class_index(t, labels, name) if isinstance(t, str) else t for t in target]
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in items):
+        if not all(is_integer(t) for t in items):
             raise TypeError(f"{name} must be a sequence of ints or class names, got {list(target)!r}")
-        idx = torch.tensor(items, dtype=torch.long, device=logits.device)
+        idx = torch.tensor([int(t) for t in items], dtype=torch.long, device=logits.device)
     else:
         raise TypeError(
             f"{name} must be 'predicted', an int, a class name, a sequence or a LongTensor, got {type(target).__name__}"

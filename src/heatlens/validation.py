@@ -7,6 +7,8 @@ with the argument's name first, what was expected, and what was received.
 from __future__ import annotations
 
 import difflib
+import math
+import numbers
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -80,11 +82,32 @@ def check_finite(x: Tensor, name: str) -> Tensor:
     return x
 
 
+def is_integer(value: object) -> bool:
+    """An integer, Python or NumPy (``np.int64(3)`` from an array counts), but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+
+
+def is_number(value: object) -> bool:
+    """A finite real number, Python or NumPy, but not a bool (NaN and infinities are not numbers here)."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+            and math.isfinite(float(value)))
+
+
+def check_outputs(logits: Tensor, where: str = "x") -> Tensor:
+    """Raise when the model's own outputs are NaN or infinite: every score built on them would be too,
+    and the fault is the model's (or the input's), not the explanation's."""
+    if not bool(torch.isfinite(logits).all()):
+        bad = int((~torch.isfinite(logits)).sum())
+        raise ValueError(f"model outputs at {where} contain {bad} NaN or infinite values: "
+                         "the model itself fails on this input (check its weights and x)")
+    return logits
+
+
 def check_positive_int(value: object, name: str, *, minimum: int = 1) -> int:
-    """An integer hyperparameter such as ``steps`` or ``n_samples``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """An integer hyperparameter such as ``steps`` or ``n_samples`` (NumPy integers accepted) -> int."""
+    if not is_integer(value) or value < minimum:  # type: ignore[operator]
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return int(value)  # type: ignore[call-overload]
 
 
 def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
@@ -95,6 +118,15 @@ def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
 
 
 def check_fraction(value: object, name: str, *, low: float = 0.0, high: float = 1.0) -> float:
-    if not isinstance(value, (int, float)) or not (low <= float(value) <= high):
+    """A finite number in [low, high] (NaN is refused by name, not passed on)."""
+    if not is_number(value) or not (low <= float(value) <= high):  # type: ignore[arg-type]
         raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
-    return float(value)
+    return float(value)  # type: ignore[arg-type]
+
+
+def check_nonnegative(value: object, name: str, *, strict: bool = False) -> float:
+    """A finite number >= 0 (> 0 when ``strict``), such as a noise level or a radius."""
+    if not is_number(value) or float(value) < 0 or (strict and float(value) == 0):  # type: ignore[arg-type]
+        bound = "> 0" if strict else ">= 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return float(value)  # type: ignore[arg-type]

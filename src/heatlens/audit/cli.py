@@ -2,7 +2,7 @@
 
     heatlens audit DATA --model M --method gradcam,integrated_gradients:steps=32 --metric insertion,deletion
                    --out DIR [--engine local|ray] [--resume | --overwrite] [--shard-size 64] [--map-size 64]
-                   [--workers N] [--ray-address ADDR] [--weights FILE] [--input-size C,H,W] [--param KEY=VALUE]
+                   [--workers N] [--ray-address ADDR] [--recommend] [--weights FILE] [--input-size C,H,W] [--param KEY=VALUE]
     heatlens data digit-sum --shortcut marker --split test --out DIR [--n 1000] [--seed 0]
 
 Method and metric settings use the CLI's own syntax (``NAME:KEY=VALUE``, ``--param [METHOD:]KEY=VALUE``).
@@ -40,6 +40,9 @@ def add_audit_command(sub: Any, parents: Any) -> None:
     p.add_argument("--map-size", type=int, default=64, help="longer side of the stored maps (default 64)")
     p.add_argument("--workers", type=int, default=None, help="Ray actors (default: the cluster's CPUs)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one here")
+    p.add_argument("--recommend", action="store_true",
+                   help="afterwards, rank the methods per class on up to 4 images each (hl.recommend_per_class) "
+                        "into DIR/recommendation.parquet and the report")
     p.set_defaults(run=cmd_audit)
 
 
@@ -74,7 +77,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
                    method_options={m: kw for m, kw in methods.items() if kw},
                    metric_options={m: kw for m, kw in metrics.items() if kw}, workers=args.workers,
                    ray_address=args.ray_address, seed=args.seed, weights=args.weights, input_size=args.input_size,
-                   device=args.device)
+                   device=args.device, recommend=args.recommend)
     print(summary(result))
     return 0
 
@@ -94,6 +97,11 @@ def summary(a: Any) -> str:
     for name in a.metrics:
         means = df.groupby("method", sort=False)[name].mean()
         lines.append(f"{name}: " + ", ".join(f"{m} {v:.4f}" for m, v in means.items()))
+    rec = a.recommendation
+    if rec is not None:
+        best = rec.drop_duplicates("class")
+        lines.append(f"recommended ({a.dir}/recommendation.parquet): " +
+                     (", ".join(f"class {c}: {b}" for c, b in zip(best["class"], best["best"])) or "no class had 2 images"))
     return "\n".join(lines)
 
 

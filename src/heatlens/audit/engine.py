@@ -102,6 +102,8 @@ def audit(
     weights: str | None = None,
     input_size: Sequence[int] | None = None,
     device: str | torch.device | None = None,
+    recommend: bool = False,
+    recommend_options: dict[str, Any] | None = None,
 ) -> Audit:
     """Explain every image of ``data`` with each method, score each explanation with each metric, and
     write the records to ``out`` (see ``heatlens.audit`` and docs/audit.md) -> Audit.
@@ -117,6 +119,10 @@ def audit(
     workers / ray_address: the Ray actor pool size (default: the CPUs of the cluster) and cluster.
     weights: state-dict file for a ``.pt2`` / ``package.module:function`` spec; input_size: (C,H,W) for a
     function spec returning a bare module (see ``heatlens.load_model``). device: where the model runs.
+    recommend: afterwards, run ``hl.recommend_per_class`` on up to 4 images per predicted class with the
+    audit's methods and cheap settings (``heatlens.audit.recommend``) -> ``Audit.recommendation``;
+    recommend_options: ``hl.recommend`` keywords on top (plus ``per_class``). On resume it is computed
+    only if missing.
     """
     check_choice(engine, "engine", ENGINES)
     methods, metrics = _check_methods(methods), _check_metrics(metrics)
@@ -152,6 +158,13 @@ def audit(
     manifest["complete"] = True
     store.write_manifest(manifest)
     _report_notes(manifest)
+    if recommend and not (store.root / manifest.get("recommendation", {}).get("file", "-")).exists():
+        from .recommend import run_recommendation
+
+        opts = dict(recommend_options or {})
+        manifest["recommendation"] = run_recommendation(Audit(store.root), clf, manifest, options=opts,
+                                                        per_class=opts.pop("per_class", 4), seed=seed)
+        store.write_manifest(manifest)
     return Audit(store.root)
 
 

@@ -264,12 +264,12 @@ def embedding_figure(analysis: AuditAnalysis, *, max_classes: int = 12):
 
 def render(analysis: AuditAnalysis, *, display: Display, maps: Any, scores: Any = None, load_images: Any = None,
            display_model: Callable[[torch.Tensor], np.ndarray] | None = None, title: str = "heatlens audit",
-           captions: Callable[[int], str] | None = None, weakest: Sequence[int] = ()) -> str:
+           captions: Callable[[int], str] | None = None, weakest: Sequence[int] = (), recommendation: Any = None) -> str:
     """The report's HTML text from an analysis and callables that produce the pictures.
 
     display: indices -> (k,H,W,3) in [0,1]; maps: the clustered method's (N,h,w) maps; load_images and
     display_model (model-space tensor -> (k,H,W,3)) show interventions; weakest: image indices with the
-    least faithful explanations.
+    least faithful explanations. recommendation: ``Audit.recommendation`` (a row per class and method) or None.
     """
     from jinja2 import Environment, PackageLoader, select_autoescape
 
@@ -305,7 +305,23 @@ def render(analysis: AuditAnalysis, *, display: Display, maps: Any, scores: Any 
         weakest=_thumbs(pics, list(weakest)[:N_LIST], caption), method=analysis.method,
         rejected=analysis.rejected, created=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         seconds={k: f"{v:.1f}" for k, v in analysis.seconds.items()},
+        recommendation=_recommendation_rows(recommendation),
     )
+
+
+def _recommendation_rows(table: Any) -> list[dict[str, Any]] | None:
+    """The per-class recommendation for the report: one block per class, its methods in rank order."""
+    if table is None:
+        return None
+    key = "ins_minus_del" if "ins_minus_del" in table else None
+    out = []
+    for name, g in table.groupby("class", sort=False):
+        first = g.iloc[0]
+        rows = [{"rank": "–" if r["rank"] is None or r["rank"] != r["rank"] else int(r["rank"]), "method": r["method"],
+                 "verdict": r["verdict"], "score": _fmt(r[key]) if key else "–"} for _, r in g.iterrows()]
+        out.append({"name": name, "images": int(first["images"]), "best": first["best"] or "no method passed",
+                    "stability": first["stability"], "rows": rows})
+    return out
 
 
 def _shown(analysis: AuditAnalysis, weakest: Sequence[int]) -> list[int]:
@@ -359,7 +375,7 @@ def write_audit_report(audit: Any, analysis: AuditAnalysis | None = None, *, mod
     weakest = _weakest(rows, audit)
     return write(audit.dir, analysis, display=display, maps=audit.maps(analysis.method), load_images=audit.load_images,
                  display_model=lambda x: np.asarray(model.deprocess(x)), title=title or f"heatlens audit: {Path(audit.dir).name}",
-                 captions=caption, weakest=weakest)
+                 captions=caption, weakest=weakest, recommendation=audit.recommendation)
 
 
 def _weakest(rows: Any, audit: Any) -> list[int]:

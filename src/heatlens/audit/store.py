@@ -2,6 +2,7 @@
 
     DIR/manifest.json               model (spec, fingerprint, preprocessing), settings, source, shard list
     DIR/scores/shard-00000.parquet  one part of the table per shard: a row per (image, method)
+    DIR/recommendation.parquet      with --recommend: a row per (class, method), heatlens.audit.recommend
     DIR/arrays.zarr/                predictions (N,K) float32, maps/<method> (N,h,w) float16,
                                     inputs (N,C,H,W) float32 for in-memory sources (no paths to re-read)
 
@@ -30,6 +31,7 @@ from torch import Tensor
 
 FORMAT = "heatlens-audit/1"
 MANIFEST, SCORES, ARRAYS = "manifest.json", "scores", "arrays.zarr"
+RECOMMENDATION = "recommendation.parquet"  # written by heatlens.audit.recommend (--recommend)
 GRID = 4  # map_cell_{i}_{j}: mass fractions of a GRID x GRID grid
 MAP_STATS = ("map_centroid_y", "map_centroid_x", "map_entropy", "map_border_mass",
              *(f"map_cell_{i}_{j}" for i in range(GRID) for j in range(GRID)))
@@ -98,6 +100,8 @@ class Store:
         for name in (SCORES, ARRAYS):
             if (self.root / name).exists():
                 shutil.rmtree(self.root / name)
+        if (self.root / RECOMMENDATION).exists():
+            (self.root / RECOMMENDATION).unlink()
         (self.root / MANIFEST).unlink(missing_ok=True)
 
     def _create_arrays(self, m: dict[str, Any]) -> None:
@@ -304,6 +308,17 @@ class Audit:
 
             raise unknown_name("audited method", method, self.methods)
         return self._arrays()[f"maps/{method}"]
+
+    @cached_property
+    def recommendation(self):
+        """pandas DataFrame, a row per (class, method), from ``audit(..., recommend=True)``; None when
+        it was not run (columns: ``heatlens.audit.recommend.recommendation_table``)."""
+        entry = self.manifest.get("recommendation")
+        if entry is None or not (self.dir / entry["file"]).exists():
+            return None
+        import pyarrow.parquet as pq
+
+        return pq.read_table(self.dir / entry["file"]).to_pandas()
 
     def predictions(self):
         """Lazy zarr array (N,K) float32 of logits at each image (NaN rows for failed images)."""

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from ..batching import default_batch_size, map_batches, on_forward_only
 from ..models.adapter import Classifier, as_classifier, channels_last_safe, target_scores
 from ..targets import TargetLike, resolve_target
-from ..validation import check_choice, check_images
+from ..validation import check_choice, check_images, check_outputs
 
 OUTPUTS = ("logit", "probability")
 
@@ -78,6 +78,7 @@ def prepare(model: Any, x: Any, target: TargetLike, *, output: str = "logit", th
     if logits is None:
         with torch.inference_mode():  # NCHW: one pass, and its rounding must not depend on the batch
             logits = model(x).detach().clone()
+    check_outputs(logits)
     targets = resolve_target(logits, target, model.labels)
     return Prepared(model=model, x=x, targets=targets, logits=logits)
 

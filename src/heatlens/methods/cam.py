@@ -30,6 +30,7 @@ from ..explanation import Explanation
 from ..models.adapter import Classifier, target_scores
 from ..models.hooks import resolve_layer, tap, trace_layers
 from ..targets import TargetLike
+from ..validation import check_choice
 from ._autograd import Prepared, prepare, score_gradients, scores_over, take_recorded
 from .gradient import explanation
 from .registry import METHODS, get_method, register
@@ -502,22 +503,29 @@ eigencam = cam_method("eigencam", _eigencam, gradients=False,
                       description="Eigen-CAM: first principal component of the activations, class-agnostic (Muhammad & Yeasin, 2020)")
 
 
-@register("guided_gradcam", family="cam", needs_grad=True,
+@register("guided_gradcam", family="cam", needs_grad=True, map_kind="gradient",
           description="Guided Grad-CAM: guided backpropagation times upsampled Grad-CAM (Selvaraju et al., 2017)")
 def guided_gradcam(
     model: Classifier, x: Tensor, target: TargetLike = "predicted", *,
-    layer: LayerLike = None, output: str = "logit", batch_size: int | None = None,
+    layer: LayerLike = None, interpolation: str = "bilinear", output: str = "logit",
+    batch_size: int | None = None,
 ) -> Explanation:
-    """Guided Grad-CAM: attributions (N,C,H,W) = guided backprop x Grad-CAM upsampled bilinearly.
+    """Guided Grad-CAM: attributions (N,C,H,W) = guided backprop x Grad-CAM upsampled to the input.
 
+    interpolation: how the coarse Grad-CAM is upsampled: "bilinear" (the paper's, Selvaraju et al.;
+    and ``Explanation.maps``) or "nearest" (Captum's ``GuidedGradCam`` default, blocky cell edges).
     extras["gradcam"]: the coarse Grad-CAM (N,1,h,w) used. Needs the ``guided_backprop`` method.
     """
+    check_choice(interpolation, "interpolation", ("bilinear", "nearest"))
     if "guided_backprop" not in METHODS:
         raise ValueError("guided_gradcam needs the 'guided_backprop' method (heatlens.methods.propagation), "
                          "which is not registered")
     cam = gradcam(model, x, target, layer=layer, output=output, batch_size=batch_size)
     guided = get_method("guided_backprop")(model, x, cam.targets, output=output, batch_size=batch_size)
-    up = F.interpolate(cam.attributions, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    size = tuple(cam.inputs.shape[-2:])
+    up = (F.interpolate(cam.attributions, size=size, mode="bilinear", align_corners=False)
+          if interpolation == "bilinear" else F.interpolate(cam.attributions, size=size, mode="nearest"))
     p = Prepared(model=model, x=cam.inputs, targets=cam.targets, logits=cam.outputs)
-    return explanation(p, guided.attributions * up, "guided_gradcam", {**cam.params, "output": output},
+    params = {**cam.params, "interpolation": interpolation, "output": output}
+    return explanation(p, guided.attributions * up, "guided_gradcam", params,
                        {"gradcam": cam.attributions})

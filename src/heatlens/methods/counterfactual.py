@@ -14,6 +14,7 @@ All work in model input space and clamp to the model's valid input range.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ from ..models.adapter import Classifier, as_classifier
 from ..models.hooks import frozen
 from ..models.preprocessing import Preprocessing
 from ..targets import TargetLike, resolve_target
-from ..validation import check_choice, check_finite, check_fraction, check_images, check_positive_int
+from ..validation import check_choice, check_finite, check_fraction, check_images, check_positive_int, is_integer, is_number
 from ._autograd import Prepared, make_generator, prepare
 from .adversarial import check_epsilon, class_name, to_display, triptych
 from .gradient import explanation
@@ -135,12 +136,12 @@ def cell_masks(size: tuple[int, int], grid: tuple[int, int]) -> Tensor:
 def _grid(size: tuple[int, int], grid: Any, cell_size: Any) -> tuple[int, int]:
     """(rows, cols) from ``grid`` or from ``cell_size`` (pixels, int or (h, w))."""
     if cell_size is not None:
-        ch, cw = (cell_size, cell_size) if isinstance(cell_size, int) else tuple(cell_size)
+        ch, cw = (cell_size, cell_size) if is_integer(cell_size) else tuple(cell_size)
         check_positive_int(ch, "cell_size")
         check_positive_int(cw, "cell_size")
         grid = (math.ceil(size[0] / ch), math.ceil(size[1] / cw))
     if (not isinstance(grid, (tuple, list)) or len(grid) != 2
-            or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)):
+            or not all(is_integer(g) and g >= 1 for g in grid)):
         raise ValueError(f"grid must be (rows, cols) of positive integers, got {grid!r}")
     if grid[0] > size[0] or grid[1] > size[1]:
         raise ValueError(f"grid {tuple(grid)} has more cells than pixels in an image of size {tuple(size)}")
@@ -162,6 +163,12 @@ def _check_pair(model: Any, query: Any, distractor: Any) -> tuple[Classifier, Te
     if query.shape[0] != 1:
         raise ValueError(f"query and distractor must each hold one image (1,C,H,W), got {query.shape[0]} images")
     return clf, query.to(clf.device).detach(), distractor.to(clf.device).detach()
+
+
+def _selection(cells: list[int], n_cells: int) -> Tensor:
+    sel = torch.zeros(1, n_cells, dtype=torch.bool)
+    sel[0, cells] = True
+    return sel
 
 
 def _swap_log_probs(clf: Classifier, query: Tensor, distractor: Tensor, masks: Tensor, selections: Tensor,
@@ -210,6 +217,23 @@ def _greedy(score, candidates: list[int], n_cells: int, max_cells: int) -> tuple
     return chosen, trajectory, evaluations
 
 
+def _prune(score, chosen: list[int], n_cells: int) -> tuple[list[int], int]:
+    """Backward elimination after a greedy flip: while some chosen cell can be put back (the query's
+    own pixels) and the prediction stays the distractor's, put back the one that keeps p(distractor
+    class) highest. The result is minimal: without any one of its cells the flip is lost."""
+    kept, evaluations = list(chosen), 0
+    while len(kept) > 1:
+        sel = torch.zeros(len(kept), n_cells, dtype=torch.bool)
+        for row, drop in enumerate(kept):
+            sel[row, [c for c in kept if c != drop]] = True
+        logp, flipped = score(sel)
+        evaluations += len(kept)
+        if not bool(flipped.any()):
+            break
+        kept.pop(_best(logp, flipped))
+    return kept, evaluations
+
+
 def _exhaustive(score, candidates: list[int], n_cells: int, max_cells: int) -> tuple[list[int], list[float], int]:
     """All subsets of 1, 2, ... ``max_cells`` candidate cells; the first size with a flip wins, and
     among its flipping subsets the one with the highest p(distractor class)."""
@@ -250,10 +274,15 @@ def region_swap(
     strategy: ``"greedy"`` adds the cell that raises p(distractor class) most at each step;
     ``"exhaustive"`` tries all subsets of 1, 2, ... cells (small grids; at most
     ``MAX_EXHAUSTIVE_EVALUATIONS`` model calls) and returns a smallest flipping subset.
-    max_cells: most cells to swap (default: all candidates).
+    max_cells: most cells to swap (default: all candidates). After a greedy flip, cells the flip does
+    not need are put back (backward elimination), so the edit is minimal: without any one of its cells
+    the prediction is not the distractor's. ``success`` is False when no flip was found and also when
+    every differing cell had to be swapped (the result is then the distractor, not a counterfactual).
     Returns a ``CounterfactualResult`` with ``edited_cells`` [(row, col), ...] in the order chosen,
     ``cell_mask`` (rows, cols), extras["trajectory"] (p(distractor class) after each greedy step),
-    extras["evaluations"] (model evaluations), extras["distractor_class"].
+    extras["evaluations"] (model evaluations), extras["distractor_class"], extras["fraction_changed"]
+    (N,) share of the image's pixels changed, extras["cells_fraction"] (swapped / differing cells),
+    extras["greedy_cells"] (cells before pruning), extras["whole_image"].
     """
     clf, query, distractor = _check_pair(model, query, distractor)
     check_choice(strategy, "strategy", STRATEGIES)
@@ -276,18 +305,29 @@ def region_swap(
 
         search = _greedy if strategy == "greedy" else _exhaustive
         chosen, trajectory, evaluations = search(score, candidates, rows * cols, limit)
+        greedy_cells = len(chosen)
+        if strategy == "greedy" and chosen:
+            flipped = bool(score(_selection(chosen, rows * cols))[1][0])
+            if flipped:  # greedy may have picked cells the flip does not need: drop them
+                chosen, more = _prune(score, chosen, rows * cols)
+                evaluations += more + 1
         cell_mask = torch.zeros(rows * cols, dtype=torch.bool)
         cell_mask[chosen] = True
         pixels = (cell_mask.float() @ masks.flatten(1).float()).clamp(max=1).view(1, 1, *query.shape[-2:])
         pixels = pixels.to(query.device, query.dtype)
         counterfactual = query * (1 - pixels) + distractor * pixels
         changed = (counterfactual != query).any(1).flatten(1).sum(1)
+        # every differing cell swapped: the "counterfactual" is the distractor itself, which explains nothing
+        whole = bool(candidates) and len(chosen) == len(candidates)
         params = {"grid": (rows, cols), "strategy": strategy, "max_cells": max_cells}
         extras = {"trajectory": trajectory, "evaluations": evaluations, "distractor": distractor,
-                  "distractor_class": d_class, "candidates": len(candidates)}
-        return _package(clf, query, counterfactual, torch.tensor([d_class], device=query.device), changed,
-                        "region_swap", params, extras, edited_cells=[(i // cols, i % cols) for i in chosen],
-                        cell_mask=cell_mask.view(rows, cols))
+                  "distractor_class": d_class, "candidates": len(candidates), "greedy_cells": greedy_cells,
+                  "fraction_changed": changed.double().cpu() / float(query.shape[-2] * query.shape[-1]),
+                  "cells_fraction": len(chosen) / max(len(candidates), 1), "whole_image": whole}
+        result = _package(clf, query, counterfactual, torch.tensor([d_class], device=query.device), changed,
+                          "region_swap", params, extras, edited_cells=[(i // cols, i % cols) for i in chosen],
+                          cell_mask=cell_mask.view(rows, cols))
+        return dataclasses.replace(result, success=result.success & (not whole))
 
 
 # --- (b) optimisation-based counterfactual ---------------------------------------------------------
@@ -328,7 +368,7 @@ def optimize_counterfactual(
     """
     check_fraction(l1, "l1")
     for name, value in (("tv", tv), ("kappa", kappa)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        if not is_number(value) or value < 0:
             raise ValueError(f"{name} must be a non-negative number, got {value!r}")
     check_epsilon(lr, "lr")
     check_positive_int(steps, "steps")

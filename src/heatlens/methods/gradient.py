@@ -29,8 +29,10 @@ def _gradients(p: Prepared, output: str, batch_size: int | None) -> Tensor:
     return grads
 
 
-def explanation(p: Prepared, attributions: Tensor, method: str, params: dict, extras: dict | None = None) -> Explanation:
-    """Package a method's result with the prepared call's targets, clean logits and input."""
+def explanation(p: Prepared, attributions: Tensor, method: str, params: dict, extras: dict | None = None,
+                map_kind: str | None = None) -> Explanation:
+    """Package a method's result with the prepared call's targets, clean logits and input.
+    map_kind: "location" | "gradient", or None to let the registry entry record it."""
     return Explanation(
         attributions=attributions.detach(),
         targets=p.targets,
@@ -41,6 +43,7 @@ def explanation(p: Prepared, attributions: Tensor, method: str, params: dict, ex
         input_size=tuple(p.x.shape[-2:]),
         labels=p.model.labels,
         inputs=p.x,
+        map_kind=map_kind,
     )
 
 

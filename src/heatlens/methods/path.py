@@ -16,7 +16,7 @@ from ..baselines import BaselineLike, resolve_baseline
 from ..explanation import Explanation
 from ..models.adapter import Classifier
 from ..targets import TargetLike
-from ..validation import check_choice, check_images, check_positive_int
+from ..validation import check_choice, check_images, check_nonnegative, check_positive_int
 from ._autograd import Prepared, gradients_over, make_generator, prepare
 from .gradient import explanation
 from .registry import register
@@ -27,7 +27,10 @@ QUADRATURES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle
 def quadrature(method: str, steps: int) -> tuple[Tensor, Tensor]:
     """Points alpha (S,) in [0, 1] and weights (S,) approximating the integral over [0, 1].
 
-    Same rules as Captum's ``approximation_parameters`` so results compare at equal settings.
+    The rules of Captum's ``approximation_parameters``, with one difference: "riemann_trapezoid" is the
+    standard trapezoid rule (weights 1/(S-1), ends halved, summing to 1, exact for linear integrands);
+    Captum's weights are 1/S with the ends halved and sum to (S-1)/S, so its trapezoid attributions are
+    (S-1)/S of these. The others (Gauss-Legendre, the default, and left/right/middle Riemann) agree.
     """
     check_choice(method, "method", QUADRATURES)
     check_positive_int(steps, "steps", minimum=2 if method == "riemann_trapezoid" else 1)
@@ -141,17 +144,18 @@ def _warn_if_unconverged(gap: Tensor, difference: Tensor, steps: int, method: st
 
 
 def _reference_gradients(
-    p: Prepared, background: Tensor, n_samples: int, noise: float, output: str,
-    batch_size: int | None, seed: int | torch.Generator | None,
+    p: Prepared, background: Tensor, per_image: bool, n_samples: int, noise: float, output: str,
+    batch_size: int | None, gen: torch.Generator,
 ) -> Tensor:
-    """Mean over draws of (x~ - r) * grad f(r + a (x~ - r)), r ~ background, a ~ U(0,1), x~ = x + noise.
+    """Mean over draws of (x~ - r) * grad f(r + a (x~ - r)), a ~ U(0,1), x~ = x + noise; r is image i's
+    own reference ``background[i]`` when ``per_image``, else r ~ the shared set ``background`` (M,C,H,W).
 
-    Returns attributions (N,C,H,W). All random draws come from one CPU generator in a fixed order
-    (items are image-major, i * n_samples + s), so a seed reproduces the result on any device.
+    Returns attributions (N,C,H,W). All random draws come from the CPU generator ``gen`` in a fixed
+    order (references, alphas, then noise per batch; items are image-major, i * n_samples + s), so a
+    seed reproduces the result on any device.
     """
     n = p.x.shape[0]
-    gen = make_generator(seed)
-    picks = torch.randint(0, background.shape[0], (n, n_samples), generator=gen)
+    picks = torch.randint(0, 1 if per_image else background.shape[0], (n, n_samples), generator=gen)
     alphas = torch.rand((n, n_samples), generator=gen, dtype=torch.float64).to(p.x.device, p.x.dtype)
     sigma = _sample_range(p.x) * noise
     total = torch.zeros_like(p.x)
@@ -161,7 +165,7 @@ def _reference_gradients(
     def build(start: int, stop: int) -> tuple[Tensor, Tensor]:
         idx = torch.arange(start, stop, device=p.x.device)
         img, s = idx // n_samples, idx % n_samples
-        ref = background[picks[img, s]]
+        ref = background[img] if per_image else background[picks[img, s]]
         xin = p.x[img]
         if noise > 0:  # drawn per batch from the same generator, in item order
             eps = torch.randn((img.numel(), *p.x.shape[1:]), generator=gen).to(p.x.device, p.x.dtype)
@@ -178,14 +182,17 @@ def _reference_gradients(
     return total / n_samples
 
 
-def _background(p: Prepared, background: BaselineLike | Tensor) -> Tensor:
-    """A reference distribution (M,C,H,W); a named or single baseline gives M = 1 per call."""
+def _background(p: Prepared, background: BaselineLike | Tensor, gen: torch.Generator) -> tuple[Tensor, bool]:
+    """(references, per_image). A 4-D tensor is a reference set (M,C,H,W) shared by every image
+    (per_image False). Any other form (a name, a number, a callable, a broadcastable tensor) is
+    resolved against all of x, so each image gets its own reference (N,C,H,W) (per_image True):
+    "mean", "blur" and callables depend on the image, "uniform"/"gaussian" are drawn from ``gen``."""
     if isinstance(background, Tensor) and background.dim() == 4 and background.shape[0] != p.x.shape[0]:
         c, h, w = p.model.input_size
-        return check_images(background, "background", channels=c, size=(h, w)).to(p.x.device, p.x.dtype)
+        return check_images(background, "background", channels=c, size=(h, w)).to(p.x.device, p.x.dtype), False
     if isinstance(background, Tensor) and background.dim() == 4:
-        return background.to(p.x.device, p.x.dtype)
-    return resolve_baseline(p.model, p.x[:1], background, name="background")
+        return check_images(background, "background").to(p.x.device, p.x.dtype), False
+    return resolve_baseline(p.model, p.x, background, name="background", generator=gen), True
 
 
 @register("expected_gradients", family="path", needs_grad=True, stochastic=True,
@@ -197,13 +204,15 @@ def expected_gradients(
 ) -> Explanation:
     """Expected Gradients (Erion et al., 2021): E_{r~background, a~U(0,1)} [(x - r) grad f(r + a(x - r))].
 
-    background: (M,C,H,W) reference images (e.g. a sample of the training set), or any baseline form.
-    n_samples: draws per image. attributions (N,C,H,W), signed; they sum to f(x) - E f(r) in expectation.
+    background: (M,C,H,W) reference images (e.g. a sample of the training set) shared by all images, or
+    any baseline form, resolved per image ("mean" / "blur" / a callable give each image its own
+    reference; ``seed`` drives "uniform" / "gaussian"). n_samples: draws per image. attributions (N,C,H,W), signed; they sum to f(x) - E f(r) in expectation.
     """
     check_positive_int(n_samples, "n_samples")
     p = prepare(model, x, target, output=output)
-    refs = _background(p, background)
-    attributions = _reference_gradients(p, refs, n_samples, 0.0, output, batch_size, seed)
+    gen = make_generator(seed)
+    refs, per_image = _background(p, background, gen)
+    attributions = _reference_gradients(p, refs, per_image, n_samples, 0.0, output, batch_size, gen)
     params = {"background": _describe(background), "n_samples": n_samples, "output": output}
     return explanation(p, attributions, "expected_gradients", params)
 
@@ -218,12 +227,15 @@ def gradient_shap(
     """GradientSHAP (Lundberg & Lee, 2017; Captum's defaults n_samples=5, no noise).
 
     Like ``expected_gradients`` but each draw also adds N(0, sigma^2) noise to x with
-    sigma = noise * (max x - min x) per image. attributions (N,C,H,W), signed.
+    sigma = noise * (max x - min x) per image (noise >= 0). background: as in ``expected_gradients``.
+    attributions (N,C,H,W), signed.
     """
     check_positive_int(n_samples, "n_samples")
+    noise = check_nonnegative(noise, "noise")
     p = prepare(model, x, target, output=output)
-    refs = _background(p, background)
-    attributions = _reference_gradients(p, refs, n_samples, float(noise), output, batch_size, seed)
+    gen = make_generator(seed)
+    refs, per_image = _background(p, background, gen)
+    attributions = _reference_gradients(p, refs, per_image, n_samples, noise, output, batch_size, gen)
     params = {"background": _describe(background), "n_samples": n_samples, "noise": noise, "output": output}
     return explanation(p, attributions, "gradient_shap", params)
 

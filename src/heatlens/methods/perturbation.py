@@ -26,7 +26,7 @@ from ..batching import map_batches
 from ..explanation import Explanation
 from ..models.adapter import Classifier
 from ..targets import TargetLike
-from ..validation import check_positive_int
+from ..validation import check_positive_int, is_integer, is_number
 from ._autograd import Prepared, fast_layout, make_generator, prepare, scores_over
 from .gradient import explanation
 from .registry import register
@@ -44,10 +44,10 @@ def _pair(value: Pair, name: str) -> tuple[int, int]:
     """An int or an (height, width) pair of positive ints."""
     if isinstance(value, bool):
         raise ValueError(f"{name} must be a positive int or a (height, width) pair, got {value!r}")
-    if isinstance(value, int):
+    if is_integer(value):
         value = (value, value)
     if (not isinstance(value, (tuple, list)) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            or not all(is_integer(v) for v in value)):
         raise ValueError(f"{name} must be a positive int or a (height, width) pair, got {value!r}")
     if min(value) < 1:
         raise ValueError(f"{name} must be >= 1 in both dimensions, got {tuple(value)}")
@@ -149,8 +149,8 @@ def occlusion(
     = window). superpixel_size: the CSEP 590B form, non-overlapping squares (window = stride = it).
     baseline: what an occluded window shows: "zeros" | "black" | "white" | "mean" | "blur" |
     ``heatlens.baselines.blur(sigma)`` | float | Tensor | callable (``seed`` drives "uniform").
-    attributions (N,C,H,W): per pixel, the mean over the windows covering it of
-    score(x) - score(x occluded), the same in every channel (as Captum with a full-channel window).
+    attributions (N,1,H,W), signed: per pixel, the mean over the windows covering it of
+    score(x) - score(x occluded) (Captum with a full-channel window repeats it over channels).
     extras["windows"] (N,nh,nw): the drop of each window position (top-left at i*stride).
     """
     p = prepare(model, x, target, output=output)
@@ -158,7 +158,7 @@ def occlusion(
     win, step = _occlusion_geometry(size, window, stride, superpixel_size)
     drops = _occlusion_drops(p, _baselines(p, baseline, seed), win, step, output, batch_size)
     per_pixel = _spread(drops, size, win, step).to(p.x.dtype)
-    attributions = per_pixel[:, None].expand(-1, p.x.shape[1], -1, -1).contiguous()
+    attributions = per_pixel[:, None]  # (N,1,H,W): one score per location, not one per channel
     params = {"window": win, "stride": step, "baseline": _describe(baseline), "output": output}
     return explanation(p, attributions, "occlusion", params, {"windows": drops.to(p.x.dtype)})
 
@@ -225,7 +225,7 @@ def feature_ablation(
     a segmentation name ("slic", "quickshift", "felzenszwalb", "grid"); or None for a regular grid of
     ``superpixel_size`` squares. Each segment, in all channels, is replaced by ``baseline`` (as in
     ``occlusion``) and every pixel of it gets score(x) - score(x ablated).
-    attributions (N,C,H,W), the same in every channel. extras["segments"] (N,H,W) labels renumbered
+    attributions (N,1,H,W), signed, one score per location. extras["segments"] (N,H,W) labels renumbered
     0..S_i-1 per image; extras["drops"] (N, max S_i): each segment's drop, NaN past an image's S_i.
     """
     p = prepare(model, x, target, output=output)
@@ -242,7 +242,7 @@ def feature_ablation(
     scores = scores_over(p.model, image.numel(), build, output=output, batch_size=batch_size,
                          desc="feature ablation")
     drops = p.scores(output)[image] - scores  # (T,)
-    attributions = drops[ids].to(p.x.dtype)[:, None].expand(-1, p.x.shape[1], -1, -1).contiguous()
+    attributions = drops[ids].to(p.x.dtype)[:, None]  # (N,1,H,W): one score per segment pixel
     padded = torch.full((p.x.shape[0], int(local.max()) + 1), float("nan"), device=p.x.device)
     padded[image, local] = drops
     params = {"segments": _describe(segments) if segments is not None else f"grid({superpixel_size})",
@@ -280,7 +280,7 @@ class _MaskDraws:
 def _rise_setup(size: tuple[int, int], n_masks: int, grid: Pair | None, cell_size: int | None,
                 p_keep: float, seed: int | torch.Generator | None) -> _MaskDraws:
     check_positive_int(n_masks, "n_masks")
-    if isinstance(p_keep, bool) or not isinstance(p_keep, (int, float)) or not 0 < float(p_keep) <= 1:
+    if not is_number(p_keep) or not 0 < float(p_keep) <= 1:
         raise ValueError(f"p_keep must be a probability in (0, 1], got {p_keep!r}")
     if cell_size is not None:
         if grid is not None:

@@ -6,6 +6,7 @@ an unknown name raises with the closest valid names.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,6 +71,11 @@ class Registry(Generic[F]):
 
 
 METHODS: Registry = Registry("method")
+# The map kind of each family's attributions (``Explanation.kind``): per-location scores stay signed,
+# per-channel gradient-like attributions are ranked by magnitude (``explanation.DEFAULT_REDUCE``).
+FAMILY_MAP_KINDS = {"gradient": "gradient", "path": "gradient", "propagation": "gradient", "smoothing": "gradient",
+                    "cam": "location", "perturbation": "location", "surrogate": "location",
+                    "counterfactual": "location"}
 
 
 def register(
@@ -79,6 +85,7 @@ def register(
     needs_grad: bool,
     per_sample: tuple[str, ...] = (),
     stochastic: bool = False,
+    map_kind: str | None = None,
     description: str | None = None,
 ) -> Callable[[F], F]:
     """Register an explanation method ``fn(model, x, target="predicted", **hyper) -> Explanation``.
@@ -91,7 +98,10 @@ def register(
     per_sample: keyword arguments holding one entry per image (e.g. "baseline"): meta-methods that
     expand the batch (smoothing) repeat exactly these alongside x.
     stochastic: the method draws random numbers and takes ``seed``.
+    map_kind: "location" (one score per location, (N,1,H,W) or (N,1,h,w)) or "gradient" (per input
+    channel); default by family (``FAMILY_MAP_KINDS``). Recorded in every Explanation the method returns.
     """
+    kind = map_kind or FAMILY_MAP_KINDS.get(family, "gradient")
 
     def decorate(fn: F) -> F:
         from ..models.adapter import as_classifier
@@ -104,15 +114,24 @@ def register(
             if needs_grad:
                 clf.require_gradients(name)
             with guard(clf), gradient_method(needs_grad):  # lets prepare's forward be reused by the gradient
-                return fn(clf, x, target, **hyper)
+                return _with_kind(fn(clf, x, target, **hyper), kind)
 
         method.info = METHODS.add(  # type: ignore[attr-defined]
             name, method, family=family, needs_grad=needs_grad, per_sample=tuple(per_sample),
-            stochastic=stochastic, **({"description": description} if description else {}),
+            stochastic=stochastic, map_kind=kind, **({"description": description} if description else {}),
         )
         return method  # type: ignore[return-value]
 
     return decorate
+
+
+def _with_kind(result: Any, kind: str) -> Any:
+    """The Explanation with its map kind recorded (a kind the method set itself is kept)."""
+    from ..explanation import Explanation
+
+    if isinstance(result, Explanation) and result.map_kind is None:
+        return dataclasses.replace(result, map_kind=kind)
+    return result
 
 
 def get_method(method: str | Callable[..., Any]) -> Callable[..., Any]:

@@ -17,7 +17,7 @@ from ..batching import map_batches
 from ..explanation import Explanation
 from ..models.adapter import Classifier
 from ..targets import TargetLike
-from ..validation import check_choice, check_positive_int
+from ..validation import check_choice, check_positive_int, is_number
 from ._autograd import make_generator, prepare
 from .gradient import explanation, saliency
 from .registry import get_method, method_info, register
@@ -86,7 +86,7 @@ def smooth(
         seed: int | torch.Generator | None = None, batch_size: int | None = None, **kwargs: Any,
     ) -> Explanation:
         check_positive_int(n_samples, "n_samples")
-        if not isinstance(noise, (int, float)) or noise < 0:
+        if not is_number(noise) or noise < 0:  # NaN and inf are refused here, by name
             raise ValueError(f"noise must be a non-negative fraction of the input range, got {noise!r}")
         p = prepare(model, x, target)
         n = p.x.shape[0]
@@ -94,6 +94,7 @@ def smooth(
         flat = p.x.flatten(1)
         sigma = (noise * (flat.amax(1) - flat.amin(1))).view(1, n, 1, 1, 1)
         moments = RunningMoments()
+        inner_kind: list[str] = []
         # one engine item = one draw of all n images: the engine measures how many draws per batch are
         # fastest (batch_size=None) and the inner method runs each chunk as one batch
         draws_per_chunk = None if batch_size is None else max(1, batch_size // n)
@@ -110,6 +111,7 @@ def smooth(
                 repeated.setdefault("seed", inner_seed)
             e = inner(p.model, noisy, p.targets.repeat(k), batch_size=k * n, **repeated)
             a = e.attributions
+            inner_kind[:] = [e.kind]
             moments.update(a.reshape(k, n, *a.shape[1:]).double())
 
         map_batches(step, n_samples, batch_size=draws_per_chunk, grad=True, model=p.model, item_shape=draw_shape,
@@ -117,7 +119,9 @@ def smooth(
         attributions = moments.statistic(statistic).to(p.x.dtype)
         name = smoothed.__name__
         params = {"n_samples": n_samples, "noise": noise, "statistic": statistic, "inner": inner_name, **kwargs}
-        result = explanation(p, attributions, name, _printable(params))
+        # the smoothed map is of the inner method's kind (smooth(gradcam) is a per-location map)
+        kind = inner_kind[0] if inner_kind else None
+        result = explanation(p, attributions, name, _printable(params), map_kind=kind)
         return result
 
     smoothed.__name__ = f"smooth({inner_name})" if statistic == "mean" else f"smooth({inner_name}, {statistic})"

@@ -12,9 +12,10 @@ explanation
 target
     Defaults to ``explanation.targets`` (the class that was explained); ``"predicted"`` for raw tensors.
 reduce
-    How (N,C,H,W) attributions become (N,H,W) maps. ``None`` (default): single-channel attributions
-    (CAMs, LIME) and attributions repeated over channels (occlusion) are kept signed; per-channel ones
-    (gradients) use ``"sum_abs"`` (CSEP 590B homework).
+    How attributions become (N,H,W) maps. ``None`` (default): the one rule of ``Explanation.maps``:
+    per-location maps (CAMs, occlusion, feature ablation, LIME, KernelSHAP, RISE; a raw (N,H,W)
+    tensor) stay signed; gradient-like attributions (gradients, paths, propagation; a raw (N,C,H,W)
+    tensor, also with C = 1) use ``"sum_abs"`` over channels (CSEP 590B homework, Quantus).
 batch_size
     Perturbed inputs per model call; None lets ``heatlens.batching`` choose. Perturbed copies are built
     lazily per batch, so memory is one batch whatever the number of curve steps.
@@ -36,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..explanation import Explanation, MetricResult, reduce_channels
+from ..explanation import Explanation, MetricResult, attribution_maps
 from ..methods.registry import Entry, Registry
 from ..models.adapter import Classifier, as_classifier, guarded
 from ..targets import resolve_target
-from ..validation import check_choice, check_images
+from ..validation import check_choice, check_finite, check_images, check_outputs
 
 METRICS: Registry = Registry("metric")
 CATEGORIES = ("faithfulness", "robustness", "complexity", "localisation", "axiom")
@@ -154,25 +155,26 @@ class Scored:
 
 
 def as_maps(explanation: Explanation | Tensor, size: tuple[int, int], reduce: str | None = None) -> Tensor:
-    """(N,H,W) float maps at ``size`` from an Explanation or a raw (N,H,W) / (N,1,h,w) / (N,C,H,W) tensor."""
-    a = explanation.attributions if isinstance(explanation, Explanation) else explanation
-    if not isinstance(a, Tensor):
-        raise TypeError(f"explanation must be an Explanation or a Tensor, got {type(a).__name__}")
+    """(N,H,W) float maps at ``size`` by the one map rule (``Explanation.maps``).
+
+    An Explanation is turned into maps by its recorded ``kind`` (per-location maps signed, gradient
+    attributions ``sum_abs``). A raw tensor carries no kind, so its shape says what it is: (N,H,W) is
+    a map and is used as is (signed); (N,C,H,W), C >= 1, is gradient-like attributions (``sum_abs``).
+    Pass a signed per-location map as (N,H,W), or an Explanation with ``map_kind="location"``.
+    ``reduce`` overrides the rule."""
+    if isinstance(explanation, Explanation):
+        a, kind = explanation.attributions, explanation.kind
+    elif isinstance(explanation, Tensor):
+        a, kind = explanation, "gradient"
+    else:
+        raise TypeError(f"explanation must be an Explanation or a Tensor, got {type(explanation).__name__}")
     a = a.detach().float()
     if a.dim() == 3:
-        a = a[:, None]
+        a, kind = a[:, None], "location"
     if a.dim() != 4:
         raise ValueError(f"explanation must have shape (N,H,W) or (N,C,H,W), got {tuple(a.shape)}")
-    if reduce is None:
-        # one score per location (CAMs, occlusion and LIME repeat it over channels) stays signed
-        per_location = a.shape[1] == 1 or bool(torch.equal(a, a[:, :1].expand_as(a)))
-        if per_location:
-            a = a[:, :1]
-        reduce = "sum" if per_location else "sum_abs"
-    m = a[:, 0] if (a.shape[1] == 1 and reduce in ("sum", "mean", "none")) else reduce_channels(a, reduce)
-    if tuple(m.shape[-2:]) != tuple(size):
-        m = F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-    return m
+    check_finite(a, "explanation")
+    return attribution_maps(a, kind, reduce, size)
 
 
 def canonical(
@@ -185,11 +187,11 @@ def canonical(
     maps = as_maps(explanation, (h, w), reduce).to(x.device)
     if maps.shape[0] != x.shape[0]:
         raise ValueError(f"explanation has {maps.shape[0]} maps but x has {x.shape[0]} images")
+    with torch.inference_mode():
+        logits = check_outputs(model(x))
     if target is None and isinstance(explanation, Explanation):
         targets = explanation.targets.to(x.device)
     else:
-        with torch.inference_mode():
-            logits = model(x)
         targets = resolve_target(logits, target if target is not None else "predicted", model.labels)
     raw = explanation.attributions if isinstance(explanation, Explanation) else explanation
     raw = raw.detach().float().to(x.device)

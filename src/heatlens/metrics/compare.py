@@ -28,7 +28,7 @@ def random_explanation(model: Any, x: Tensor, target: Any = "predicted", *, seed
     p = prepare(model, x, target)
     n, _, h, w = p.x.shape
     noise = torch.randn((n, 1, h, w), generator=make_generator(seed)).to(p.x.device, p.x.dtype)
-    return package(p, noise, "random", {"seed": seed})
+    return package(p, noise, "random", {"seed": seed}, map_kind="location")  # a signed score per pixel
 
 
 @dataclass(frozen=True)

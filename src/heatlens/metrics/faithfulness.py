@@ -137,8 +137,10 @@ def faithfulness_correlation(
     check_positive_int(subset_size, "subset_size")
     s = canonical(model, x, explanation, target, reduce=reduce)
     n, _, h, w = s.x.shape
-    if subset_size > h * w:
-        raise ValueError(f"subset_size must be at most the number of pixels {h * w}, got {subset_size}")
+    if subset_size >= h * w:
+        # a subset covering every pixel is the same in every run: the correlation is 0/0 (Quantus refuses it too)
+        raise ValueError(f"subset_size must be smaller than the number of pixels {h * w}, got {subset_size}: "
+                         "every run would hide the whole image and the correlation is undefined")
     gen = make_generator(seed)
     subsets = torch.stack([torch.multinomial(torch.ones(n_runs, h * w), subset_size, generator=gen) for _ in range(n)])
     subsets = subsets.to(s.x.device)
@@ -302,7 +304,8 @@ def completeness(
     (``"zeros"`` / ``"logit"`` otherwise). extras["gap"] (N,) is the signed difference.
     """
     s = canonical(model, x, explanation, target, reduce="sum")
-    if s.attributions.shape != s.x.shape:
+    one_per_location = s.attributions.shape[1] == 1 and s.attributions.shape[2:] == s.x.shape[2:]
+    if s.attributions.shape != s.x.shape and not one_per_location:  # (N,1,H,W) location maps sum as well
         raise ValueError(f"completeness needs attributions shaped like x {tuple(s.x.shape)}, "
                          f"got {tuple(s.attributions.shape)}")
     params = explanation.params if isinstance(explanation, Explanation) else {}

@@ -316,7 +316,7 @@ def wrap(
                 "softmax output saturate and mislead. Remove the final softmax layer, or pass "
                 "outputs='probabilities' to explain the probabilities anyway"
             )
-        return clf
+        return _check_labels(clf)
     if callable(model):
         if select is not None:
             raise TypeError("select is for nn.Module outputs; a predict function must return (N,K) or (N,) scores")
@@ -324,8 +324,18 @@ def wrap(
                          outputs=outputs or "logits", layout=layout, name=name)
         if outputs is None and _looks_like_probabilities(clf):
             clf.outputs = "probabilities"
-        return clf
+        return _check_labels(clf)
     raise TypeError(f"model must be an nn.Module, a Classifier or a predict function, got {type(model).__name__}")
+
+
+def _check_labels(clf: Classifier) -> Classifier:
+    """Refuse fewer class names than the model has outputs: a class beyond the list would have no name
+    (and a name target could silently mean another class). More names are allowed (a one-logit head
+    may be given the names of both of its classes)."""
+    if clf.labels is not None and len(clf.labels) < clf.num_classes:
+        raise ValueError(f"labels has {len(clf.labels)} names but the model has {clf.num_classes} outputs; "
+                         "pass one name per class (index -> name)")
+    return clf
 
 
 def _looks_like_probabilities(clf: Classifier) -> bool:

@@ -32,6 +32,13 @@ class Preprocessing:
     resample: str = "bilinear"
 
     def __call__(self, images: Any) -> Tensor:
+        """Images -> model input (N,C,H,W). A list or tuple is preprocessed one image at a time, so each
+        keeps its own aspect ratio (resized on its shorter side, centre-cropped): a batch of several
+        sizes equals its images preprocessed one by one and concatenated."""
+        if isinstance(images, (list, tuple)):
+            if not images:
+                raise ValueError("images is an empty list")
+            return torch.cat([self(im) for im in images], 0)
         batch = to_unit_batch(images, self.channels)  # (N,C,h,w) in [0, 1]
         batch = self._geometry(batch)
         return (batch - self._stat(self.mean)) / self._stat(self.std)
@@ -120,17 +127,17 @@ def _high_bit_grey(a: np.ndarray, mode: str) -> np.ndarray:
 
 
 def to_unit_batch(images: Any, channels: int = 3) -> Tensor:
-    """Images in any common form -> float (N,C,h,w) in [0, 1]. All images must share one size,
-    unless given as a list (each is then converted separately and must match after loading)."""
+    """Images in any common form -> float (N,C,h,w) in [0, 1]. A list is converted image by image and
+    must share one size (stretching one image to another's size would change what it shows; the
+    ``Preprocessing`` call resizes and crops each image on its own)."""
     if isinstance(images, (str, Path)):
         images = load_image(images)
     if isinstance(images, (list, tuple)):
         items = [to_unit_batch(im, channels) for im in images]
-        sizes = {tuple(t.shape[-2:]) for t in items}
+        sizes = sorted({tuple(t.shape[-2:]) for t in items})
         if len(sizes) > 1:
-            # different sizes: bring each to the first one's size so they stack (crop happens later)
-            ref = items[0].shape[-2:]
-            items = [t if t.shape[-2:] == ref else _resize(t, tuple(ref)) for t in items]
+            raise ValueError(f"images have different sizes {sizes}: they cannot be stacked as they are; "
+                             "use model.preprocess(images), which resizes and crops each image on its own")
         return torch.cat(items, 0)
     if _is_pil(images):
         images = np.asarray(images.convert("RGB" if channels == 3 else "L"))

@@ -8,7 +8,7 @@ parameters, all restored afterwards, also on error).
 
 * ``model_randomization`` — cascading / independent parameter randomisation (Adebayo et al., 2018)
 * ``random_logit`` — explanation of a random other class (Sixt et al., 2020)
-* ``input_invariance`` — constant input shift absorbed by the first bias (Kindermans et al., 2019)
+* ``input_invariance`` — constant input shift absorbed by the first layer (padded convolutions included) (Kindermans et al., 2019)
 * ``fragility`` — small noise that keeps the prediction but moves the map (Ghorbani et al., 2019)
 """
 
@@ -18,7 +18,7 @@ from ..methods.registry import Registry
 from ..models.adapter import guarded
 from .fragility import fragility
 from .invariance import input_invariance, shift_compensated
-from .randomization import SIMILARITIES, hog, model_randomization, random_logit, spearman, ssim
+from .randomization import SIMILARITIES, hog, model_randomization, random_logit, spearman, spearman_signed, ssim
 
 # the public checks are the guarded ones (the bodies in the submodules stay plain functions)
 model_randomization, random_logit = guarded(model_randomization), guarded(random_logit)
@@ -29,4 +29,4 @@ for _fn in (model_randomization, random_logit, input_invariance, fragility):
     CHECKS.add(_fn.__name__, _fn)
 
 __all__ = ["CHECKS", "SIMILARITIES", "model_randomization", "random_logit", "input_invariance", "fragility",
-           "shift_compensated", "spearman", "ssim", "hog"]
+           "shift_compensated", "spearman", "spearman_signed", "ssim", "hog"]

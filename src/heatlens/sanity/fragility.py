@@ -18,7 +18,7 @@ from ..explanation import Explanation, SanityResult
 from ..methods._autograd import prepare
 from ..methods.registry import get_method
 from ..metrics import draw, item_noise, sample_range
-from ..validation import check_positive_int
+from ..validation import check_fraction, check_positive_int, is_integer, is_number
 from .randomization import _maps, method_name, spearman
 
 
@@ -52,11 +52,12 @@ def fragility(
     "kept", "overlap", "spearman".
     """
     check_positive_int(n_trials, "n_trials")
-    if not isinstance(noise, (int, float)) or noise <= 0:
+    threshold = check_fraction(threshold, "threshold")
+    if not is_number(noise) or noise <= 0:
         raise ValueError(f"noise must be a positive fraction of the input range, got {noise!r}")
     p = prepare(model, x, target)
     n, _, h, w = p.x.shape
-    k = int(round(top_k * h * w)) if isinstance(top_k, float) else int(top_k)
+    k = int(top_k) if is_integer(top_k) else int(round(top_k * h * w)) if is_number(top_k) else 0
     if not 1 <= k <= h * w:
         raise ValueError(f"top_k must select between 1 and {h * w} pixels, got {top_k!r}")
     fn = get_method(method)

@@ -40,7 +40,7 @@ def test_committed_notebooks_carry_their_outputs():
         code = [c for c in book.cells if c.cell_type == "code"]
         unexecuted = [i for i, c in enumerate(code) if c.execution_count is None]
         assert not unexecuted, f"{name}: code cells {unexecuted} have no stored execution"
-        assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
+        assert any(o.get("output_type") in ("display_data", "execute_result") and "image/png" in o.get("data", {})
                    for c in code for o in c.outputs), f"{name} stores no figure"
         errors = [o for c in code for o in c.outputs if o.get("output_type") == "error"]
         assert not errors, f"{name} stores an error output: {errors[0].get('ename')}"

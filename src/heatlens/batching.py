@@ -255,7 +255,7 @@ def model_fingerprint(model: Any) -> str:
     text = h.hexdigest()[:16]
     try:
         _fingerprints[model] = text
-    except TypeError:
+    except TypeError:  # not weak-referenceable (e.g. a plain function object): hashed again next time
         pass
     return text
 
